@@ -1,0 +1,52 @@
+"""The `loneforge` command: LightningCLI for fit/validate/test/predict, plus data, plan and models tools."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+_TOOLS = {
+    "data": "lightning_loneforge.datamodules.tools:main",
+    "plan": "lightning_loneforge.strategies.planner:main",
+    "models": "lightning_loneforge.model_zoo.listing:main",
+}
+
+
+class LoneforgeCLI(LightningCLI):
+    """LightningCLI whose defaults are the suite's: tower-parallel strategy, offline W&B, rich progress bar."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        defaults = {
+            "strategy": {"class_path": "lightning_loneforge.strategies.TowerParallelStrategy"},
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.WandbLogger",
+                "init_args": {"project": "loneforge", "offline": True},
+            },
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}],
+        }
+        defaults.update(kwargs.pop("trainer_defaults", None) or {})
+        super().__init__(*args, trainer_defaults=defaults, **kwargs)
+
+
+def _run_tool(target: str, argv: list[str]) -> int:
+    module_name, func_name = target.split(":")
+    module = __import__(module_name, fromlist=[func_name])
+    return int(getattr(module, func_name)(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `loneforge` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _TOOLS:
+        return _run_tool(_TOOLS[argv[0]], argv[1:])
+    os.environ.setdefault("WANDB_MODE", "offline")
+    import lightning_loneforge  # noqa: F401  (registers the suite's accelerator and strategy names)
+
+    LoneforgeCLI(args=argv, subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
