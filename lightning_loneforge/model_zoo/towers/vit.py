@@ -315,7 +315,8 @@ def _hf_style(config: ViTConfig) -> str:
     return "internvl" if config.layer_scale is not None else "clip"
 
 
-def _compile(pairs: list[tuple[str, str]], reverse: bool) -> list[tuple[re.Pattern, str]]:
+def name_rules(pairs: list[tuple[str, str]], reverse: bool) -> list[tuple[re.Pattern, str]]:
+    """Regex rules renaming transformers names to ours (or back when ``reverse``); "{i}" matches a block index."""
     rules = []
     for hf, ours in pairs:
         src, dst = (ours, hf) if reverse else (hf, ours)
@@ -324,7 +325,8 @@ def _compile(pairs: list[tuple[str, str]], reverse: bool) -> list[tuple[re.Patte
     return rules
 
 
-def _rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
+def rename_key(key: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
+    """``key`` renamed by the first matching rule (its sub-module path kept), or None."""
     for pattern, dst in rules:
         match = pattern.match(key)
         if match:
@@ -333,7 +335,8 @@ def _rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
     return None
 
 
-def _expected_shapes(module_cls, config) -> dict[str, torch.Size]:
+def meta_shapes(module_cls: type[nn.Module], config: object) -> dict[str, torch.Size]:
+    """Weight names and shapes of ``module_cls(config)``, built on the meta device (no memory)."""
     with torch.device("meta"):
         return {k: v.shape for k, v in module_cls(config).state_dict().items()}
 
@@ -360,7 +363,7 @@ def map_strict(
     for key, value in state_dict.items():
         if not key.startswith(prefix):
             continue
-        name = _rename(key[len(prefix) :], rules)
+        name = rename_key(key[len(prefix) :], rules)
         if name is None or name not in expected:
             unused.append(key)
             continue
@@ -393,18 +396,18 @@ def hf_to_ours_vit(state_dict: Mapping[str, Tensor], prefix: str, config: ViTCon
             raise KeyError(f"vision tower: both {nested!r} and other {prefix!r} keys present: {_format(flat)}")
         prefix = nested
     names = _INTERNVL_NAMES if _hf_style(config) == "internvl" else _CLIP_NAMES
-    expected = _expected_shapes(VisionTransformer, config)
-    return map_strict(state_dict, prefix, _compile(names, reverse=False), expected, "vision tower")
+    expected = meta_shapes(VisionTransformer, config)
+    return map_strict(state_dict, prefix, name_rules(names, reverse=False), expected, "vision tower")
 
 
 def ours_to_hf_vit(state_dict: Mapping[str, Tensor], prefix: str, config: ViTConfig) -> dict[str, Tensor]:
     """Inverse of ``hf_to_ours_vit``: our names to transformers 5.x names under ``prefix`` (e.g. "vision_tower.")."""
     style = _hf_style(config)
     names = _INTERNVL_NAMES if style == "internvl" else _CLIP_NAMES
-    rules = _compile(names, reverse=True)
+    rules = name_rules(names, reverse=True)
     out = {}
     for key, value in state_dict.items():
-        name = _rename(key, rules)
+        name = rename_key(key, rules)
         if name is None:
             raise KeyError(f"vision tower: no transformers name for our weight {key!r}")
         if style == "internvl" and name in ("embeddings.cls_token", "embeddings.position_embeddings"):
