@@ -224,7 +224,9 @@ def _manifest_spec(directory: Path) -> dict | None:
         return None
 
 
-def _read_complete(directory: Path, spec: DemoSpec) -> DemoShards | None:
+def find_demo_shards(directory: str | Path, spec: DemoSpec) -> DemoShards | None:
+    """The complete demo set of `spec` in `directory` (all shards present with their recorded sizes), or None."""
+    directory = Path(directory)
     if _manifest_spec(directory) != asdict(spec):
         return None
     manifest = json.loads((directory / _MANIFEST).read_text())
@@ -266,7 +268,7 @@ def write_demo_shards(
     """
     spec = DemoSpec(n_train=n_train, n_val=n_val, seed=seed, **spec_fields)
     out_dir = Path(out_dir) if out_dir is not None else default_demo_dir(spec)
-    existing = _read_complete(out_dir, spec)
+    existing = find_demo_shards(out_dir, spec)
     if existing is not None:
         return existing
     damaged = _manifest_spec(out_dir) == asdict(spec)
@@ -295,13 +297,13 @@ def write_demo_shards(
             out_dir.rmdir()
         os.replace(tmp, out_dir)
     except OSError:
-        complete = _read_complete(out_dir, spec)  # another process may have finished the same set first
+        complete = find_demo_shards(out_dir, spec)  # another process may have finished the same set first
         if complete is None:
             raise
         return complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result = _read_complete(out_dir, spec)
+    result = find_demo_shards(out_dir, spec)
     assert result is not None, f"{out_dir} incomplete right after writing"
     return result
 
