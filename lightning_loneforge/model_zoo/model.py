@@ -1,0 +1,100 @@
+"""`MultimodalModel`: towers assembled from a `ModelConfig`, run over one packed row."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from lightning_loneforge.model_zoo.config import ModelConfig, ProjectorConfig, VisionConfig
+from lightning_loneforge.model_zoo.towers.decoder import Decoder
+from lightning_loneforge.model_zoo.towers.qwen_vision import PatchMerger, QwenVisionTower
+
+VISION_BUILDERS: dict[str, Callable[[VisionConfig], nn.Module]] = {
+    "qwen2_vl": QwenVisionTower,
+    "qwen2_5_vl": QwenVisionTower,
+}
+"""Vision tower class per `VisionConfig.kind`."""
+PROJECTOR_BUILDERS: dict[str, Callable[[ProjectorConfig], nn.Module]] = {"patch_merger": PatchMerger}
+"""Projector class per `ProjectorConfig.kind`."""
+ACTION_BUILDERS: dict[str, Callable] = {}
+"""Action head per family (rows with an `ActionConfig`)."""
+
+
+def tower_support(config: ModelConfig) -> str | None:
+    """None when every tower of `config` can be built, else which tower kind is not wired yet."""
+    if config.vision is not None and config.vision.kind not in VISION_BUILDERS:
+        return f"vision kind {config.vision.kind!r} not wired yet"
+    if config.projector is not None and config.projector.kind not in PROJECTOR_BUILDERS:
+        return f"projector kind {config.projector.kind!r} not wired yet"
+    if config.action is not None and config.family not in ACTION_BUILDERS:
+        return f"action head for {config.family!r} not wired yet"
+    return None
+
+
+class MultimodalModel(nn.Module):
+    """Vision tower -> projector -> image features scattered into the LLM's embeddings -> decoder.
+
+    `forward(input_ids, position_ids, cu_seqlens, max_seqlen, pixel_values, image_grid_thw)` returns final
+    hidden states `[T, hidden]`; logits come from `llm.output_weight` (chunked in the loss).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        unsupported = tower_support(config)
+        if unsupported:
+            raise NotImplementedError(f"model {config.name!r}: {unsupported}")
+        self.vision = VISION_BUILDERS[config.vision.kind](config.vision) if config.vision else None
+        self.projector = PROJECTOR_BUILDERS[config.projector.kind](config.projector) if config.projector else None
+        self.llm = Decoder(config.text)
+        self.action = ACTION_BUILDERS[config.family](config) if config.action else None
+
+    def towers(self) -> dict[str, nn.Module]:
+        named = {"vision": self.vision, "projector": self.projector, "llm": self.llm, "action": self.action}
+        return {name: tower for name, tower in named.items() if tower is not None}
+
+    def image_features(self, pixel_values: Tensor, image_grid_thw: Tensor) -> Tensor:
+        """Projected features `[N_image_tokens, llm_hidden]` of all images in the row, in order."""
+        if self.vision is None or self.projector is None:
+            raise ValueError(f"model {self.config.name!r} has no vision tower but the batch has pixel_values")
+        return self.projector(self.vision(pixel_values, image_grid_thw), image_grid_thw)
+
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None) -> Tensor:
+        embeds = self.llm.embed(input_ids)
+        if pixel_values is None:
+            return embeds
+        if image_grid_thw is None:
+            raise ValueError("batch has pixel_values but no image_grid_thw")
+        features = self.image_features(pixel_values, image_grid_thw).to(embeds.dtype)
+        is_image = input_ids == self.config.image_token_id
+        count = int(is_image.sum())
+        if count != features.shape[0]:
+            raise ValueError(
+                f"{count} image tokens (id {self.config.image_token_id}) in input_ids but the vision tower "
+                f"gave {features.shape[0]} features for image_grid_thw {image_grid_thw.tolist()}"
+            )
+        return embeds.masked_scatter(is_image[:, None], features)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        pixel_values: Tensor | None = None,
+        image_grid_thw: Tensor | None = None,
+    ) -> Tensor:
+        embeds = self.embed(input_ids, pixel_values, image_grid_thw)
+        return self.llm(embeds, position_ids, cu_seqlens, max_seqlen)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_on_meta(config: ModelConfig) -> MultimodalModel:
+    """The model with parameters on the meta device (no memory)."""
+    with torch.device("meta"):
+        return MultimodalModel(config)
