@@ -48,9 +48,11 @@ class BadInputHandler:
         self.skipped: Counter[str] = Counter()
 
     def __call__(self, exn: BaseException) -> bool:
-        if self.policy == "raise":
-            raise exn
         reason = skip_reason(exn)
+        if self.policy == "raise":
+            if isinstance(exn, wds.autodecode.DecodingError):
+                raise SampleError(describe(exn), reason) from exn
+            raise exn
         self.skipped[reason] += 1
         log.warning("skipped (%s, total %d): %s", reason, self.skipped[reason], describe(exn))
         return True

@@ -23,21 +23,24 @@ def expand_shards(shards: str | list[str], what: str = "shards") -> list[str]:
 
     Raises:
         ValueError: If nothing is left after expansion.
-        FileNotFoundError: If a local shard does not exist or cannot be read.
+        FileNotFoundError: If a local shard does not exist.
+        PermissionError: If a local shard cannot be read.
     """
     urls: list[str] = []
     for item in [shards] if isinstance(shards, str) else list(shards):
         urls.extend(wds.shardlists.expand_urls(item))
     if not urls:
         raise ValueError(f"{what}: empty shard list from {shards!r}")
-    for url in urls:
-        if url.startswith("pipe:") or "://" in url:
-            continue
-        path = url[len("file:") :] if url.startswith("file:") else url
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{what}: shard {path!r} does not exist (from {shards!r})")
-        if not os.access(path, os.R_OK):
-            raise FileNotFoundError(f"{what}: shard {path!r} is not readable")
+    local = [url[len("file:") :] if url.startswith("file:") else url for url in urls]
+    local = [path for path in local if not (path.startswith("pipe:") or "://" in path)]
+    missing = [path for path in local if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(
+            f"{what}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]} (from {shards!r})"
+        )
+    unreadable = [path for path in local if not os.access(path, os.R_OK)]
+    if unreadable:
+        raise PermissionError(f"{what}: {len(unreadable)} shards are not readable, e.g. {unreadable[:3]}")
     return urls
 
 
