@@ -204,3 +204,61 @@ def test_text_only_ceiling_counts_the_best_answer_per_question(tmp_path: Path) -
     write(tmp_path / "t.tar", train)
     write(tmp_path / "v.tar", val)
     assert text_only_ceiling(tmp_path / "t.tar", [tmp_path / "v.tar"]) == pytest.approx(3 / 4)
+
+
+# ---------------------------------------------------------------------------------------------- datamodule
+
+
+def test_demo_datamodule_generates_once_and_streams_packed_batches(tmp_path: Path, monkeypatch) -> None:
+    from lightning_loneforge.datamodules.batch import IGNORE_INDEX
+    from lightning_loneforge.datamodules.demo_data import DemoDataModule, default_demo_dir
+    from lightning_loneforge.datamodules.encoder import SampleEncoder
+
+    monkeypatch.setenv("LONEFORGE_CACHE", str(tmp_path / "cache"))
+    tok = DemoTokenizer()
+    dm = DemoDataModule(n_train=64, n_val=16, max_tokens=128, num_workers=0, encoder=SampleEncoder(tok))
+    assert (
+        dm.data_dir == default_demo_dir(DemoSpec(n_train=64, n_val=16))
+        and dm.data_dir.parent == tmp_path / "cache"
+    )
+    dm.prepare_data()
+    stamp = (dm.data_dir / "demo.json").stat().st_mtime_ns
+    dm.setup("fit")
+    assert (dm.data_dir / "demo.json").stat().st_mtime_ns == stamp  # setup reuses what prepare_data wrote
+    assert dm.train_shards == [str(dm.data_dir / "train-000000.tar")]
+
+    image_pad = tok.token_to_id("<|image_pad|>")
+    answers = set(COLOURS) | {"circle", "square", "triangle", "star", "cross"} | set(NUMBER_WORDS.values())
+    samples = 0
+    for batch in dm.train_dataloader():
+        assert batch.num_tokens <= 128
+        assert (
+            int((batch.input_ids == image_pad).sum()) == 4 * batch.num_samples
+        )  # 64x64 -> 56x56 -> 2x2 tokens
+        assert batch.pixel_values.shape[0] == 16 * batch.num_samples
+        for start, end in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(), strict=True):
+            labels = batch.labels[start:end]
+            assert tok.decode(labels[labels != IGNORE_INDEX].tolist()) in {f"{a}<|im_end|>" for a in answers}
+        samples += batch.num_samples
+    assert samples == 64
+    assert sum(b.num_samples for b in dm.val_dataloader()) == 16
+    assert 0.0 < dm.text_only_ceiling() < 0.6
+
+
+def test_demo_datamodule_is_selectable_by_class_path(tmp_path: Path) -> None:
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningDataModule
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LightningDataModule, "data")
+    init = {"data_dir": str(tmp_path), "max_tokens": 256, "balance": True}
+    config = parser.parse_object(
+        {
+            "data": {
+                "class_path": "lightning_loneforge.datamodules.demo_data.DemoDataModule",
+                "init_args": init,
+            }
+        }
+    )
+    dm = parser.instantiate_classes(config).data
+    assert (dm.max_tokens, dm.balance, dm.data_dir) == (256, True, tmp_path)

@@ -3,6 +3,7 @@
 Each sample is one 64x64 RGB PNG with 2-3 non-overlapping shapes (each a different shape and colour) and one
 LLaVA-style question, e.g. "what colour is the triangle?" -> "red", "what shape is blue?" -> "circle",
 "how many shapes are there?" -> "three". Shards are WebDataset tars written with `webdataset.ShardWriter`.
+`DemoDataModule` generates them once into a cache folder and streams them like any WebDataset shards.
 """
 
 from __future__ import annotations
@@ -19,9 +20,14 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import webdataset as wds
 from PIL import Image, ImageDraw
+from typing_extensions import override
+from webdataset.shardlists import expand_urls
+
+from lightning_loneforge.datamodules.webdataset_dm import WebDatasetDataModule
 
 DEMO_VERSION = "demo-v1"
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -319,7 +325,7 @@ def _shard_paths(source: str | Path | Sequence[str | Path], split: str) -> list[
             if not paths:
                 raise FileNotFoundError(f"no {split}-*.tar shards in {source}")
             return paths
-        return [source]
+        return [Path(p) for p in expand_urls(str(source))]
     return [Path(p) for p in source]
 
 
@@ -358,8 +364,8 @@ def text_only_ceiling(
     under the training distribution); questions unseen in `train` get the overall most frequent answer.
 
     Args:
-        train: A folder of `train-*.tar` shards, one shard, or a list of shards.
-        val: A folder of `val-*.tar` shards, one shard, or a list of shards.
+        train: A folder of `train-*.tar` shards, a shard path or brace pattern, or a list of shards.
+        val: A folder of `val-*.tar` shards, a shard path or brace pattern, or a list of shards.
     """
     answers: dict[str, Counter[str]] = defaultdict(Counter)
     overall: Counter[str] = Counter()
@@ -377,3 +383,82 @@ def text_only_ceiling(
     if total == 0:
         raise ValueError(f"no question/answer pairs in the validation shards {val}")
     return hits / total
+
+
+# ---------------------------------------------------------------------------------------------- datamodule
+
+
+class DemoDataModule(WebDatasetDataModule):
+    """`WebDatasetDataModule` over the embedded demo set, generated once into the cache folder.
+
+    `prepare_data()` writes the shards (a no-op when a complete set is there); `setup()` points
+    `train_shards`/`val_shards` at them unless given. So a config needs only the class path plus the
+    packing knobs.
+
+    Args:
+        data_dir: Folder of the demo set; None means `default_demo_dir(spec)` under `$LONEFORGE_CACHE`
+            or `~/.cache/lightning_loneforge`.
+        n_train, n_val, demo_seed: What to generate (see `DemoSpec`).
+        train_shards, val_shards: Other shards to use instead of the generated ones.
+        max_tokens, num_workers, shuffle_buffer, lookahead, seed, bad_sample: As in `WebDatasetDataModule`.
+        **kwargs: Further `WebDatasetDataModule` arguments (`balance`, `encoder`, ...).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        n_train: int = 20_000,
+        n_val: int = 1_000,
+        demo_seed: int = 0,
+        train_shards: str | list[str] | None = None,
+        val_shards: str | list[str] | None = None,
+        max_tokens: int = 1024,
+        num_workers: int = 1,
+        shuffle_buffer: int = 1000,
+        lookahead: int = 128,
+        seed: int = 0,
+        bad_sample: str = "raise",
+        **kwargs: Any,
+    ) -> None:
+        self.spec = DemoSpec(n_train=n_train, n_val=n_val, seed=demo_seed)
+        self.data_dir = Path(data_dir).expanduser() if data_dir else default_demo_dir(self.spec)
+        super().__init__(
+            train_shards=train_shards if train_shards is not None else [],
+            val_shards=val_shards,
+            max_tokens=max_tokens,
+            num_workers=num_workers,
+            shuffle_buffer=shuffle_buffer,
+            lookahead=lookahead,
+            seed=seed,
+            bad_sample=bad_sample,
+            **kwargs,
+        )
+        self._use_demo_train = train_shards is None
+        self._use_demo_val = val_shards is None
+        self._ceiling: float | None = None
+
+    def demo_shards(self) -> DemoShards:
+        """The demo set, written now if it is not complete yet (safe to call from several processes)."""
+        return write_demo_shards(self.data_dir, self.spec.n_train, self.spec.n_val, self.spec.seed)
+
+    @override
+    def prepare_data(self) -> None:
+        self.demo_shards()
+
+    @override
+    def setup(self, stage: str) -> None:
+        shards = self.demo_shards()
+        if self._use_demo_train:
+            self.train_shards = [str(p) for p in shards.train]
+        if self._use_demo_val:
+            self.val_shards = [str(p) for p in shards.val]
+        super().setup(stage)
+
+    def text_only_ceiling(self) -> float:
+        """Best validation answer accuracy reachable without the image (see `text_only_ceiling`)."""
+        if self._ceiling is None:
+            shards = self.demo_shards()
+            train = shards.train if self._use_demo_train else self.train_shards
+            val = shards.val if self._use_demo_val else self.val_shards
+            self._ceiling = text_only_ceiling(train, val)
+        return self._ceiling

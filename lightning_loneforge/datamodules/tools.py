@@ -196,7 +196,8 @@ def run_shard(args: argparse.Namespace) -> int:
     tmp.mkdir()
     stats = _ShardStats()
     console, errors = _console(), _err_console()
-    total_lines = sum(1 for _ in manifest.open("rb"))
+    with manifest.open("rb") as lines:
+        total_lines = sum(1 for _ in lines)
     try:
         with (
             _progress(errors) as progress,
