@@ -125,9 +125,6 @@ def _tar(path: Path, members: dict[str, bytes]) -> Path:
 
 
 def test_inspect_counts_lengths_and_reports_bad_samples_and_corrupt_tars(tmp_path: Path, capsys) -> None:
-    pytest.importorskip(
-        "lightning_loneforge.datamodules.encoder"
-    )  # TODO(data tools): drop once encoder.py lands
     demo = tmp_path / "demo"
     assert main(["demo", "--out", str(demo), "--n-train", "40", "--n-val", "10"]) == 0
     capsys.readouterr()
