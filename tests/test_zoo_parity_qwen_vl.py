@@ -77,7 +77,7 @@ def test_logits_match_transformers(family, tmp_path):
         hidden = ours(
             ids, mrope_positions(ids, grid, IMAGE, 2), torch.tensor([0, len(ids)], dtype=torch.int32), len(ids),
             pixels, grid,
-        )  # fmt: skip
+        ).hidden  # fmt: skip
         logits = ours.llm.logits(hidden)
     assert (logits - expected).abs().max() <= 1e-4
 

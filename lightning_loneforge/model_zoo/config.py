@@ -113,6 +113,7 @@ class ModelConfig:
     projector: ProjectorConfig | None = None
     action: ActionConfig | None = None
     image_token_id: int | None = None
+    video_token_id: int | None = None
     hf_id: str | None = None
     published_params: int | None = None
     """Parameter count published for `hf_id` (safetensors total on the Hub); the size test compares to it."""

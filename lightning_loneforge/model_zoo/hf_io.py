@@ -46,7 +46,7 @@ def config_from_hf(hf: Mapping[str, Any], name: str | None = None) -> ModelConfi
         vision, projector = _qwen_vision_from_hf(_require(hf, "vision_config", "config.json"), model_type)
         return ModelConfig(
             name=name, family=model_type, text=text, vision=vision, projector=projector,
-            image_token_id=_require(hf, "image_token_id", "config.json"),
+            image_token_id=_require(hf, "image_token_id", "config.json"), video_token_id=hf.get("video_token_id"),
         )  # fmt: skip
     raise ValueError(f"config.json: model_type {model_type!r} is not supported (supported: {_supported()})")
 
@@ -151,6 +151,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     return {
         "architectures": [_ARCH[config.family]], "model_type": config.family, "text_config": text,
         "vision_config": {**vision, "model_type": config.family}, "image_token_id": config.image_token_id,
+        "video_token_id": config.video_token_id,
         "tie_word_embeddings": config.text.tie_embeddings,
     }  # fmt: skip
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_loneforge.model_zoo.config import ModelConfig, ProjectorConfig, VisionConfig
-from lightning_loneforge.model_zoo.towers.decoder import Decoder
+from lightning_loneforge.model_zoo.towers.decoder import Decoder, LMOutput
 from lightning_loneforge.model_zoo.towers.qwen_vision import PatchMerger, QwenVisionTower
 
 VISION_BUILDERS: dict[str, Callable[[VisionConfig], nn.Module]] = {
@@ -36,8 +36,8 @@ def tower_support(config: ModelConfig) -> str | None:
 class MultimodalModel(nn.Module):
     """Vision tower -> projector -> image features scattered into the LLM's embeddings -> decoder.
 
-    `forward(input_ids, position_ids, cu_seqlens, max_seqlen, pixel_values, image_grid_thw)` returns final
-    hidden states `[T, hidden]`; logits come from `llm.output_weight` (chunked in the loss).
+    `forward(input_ids, position_ids, cu_seqlens, max_seqlen, pixel_values, image_grid_thw, targets=...)` returns
+    an `LMOutput` (hidden states, and the chunked loss when targets are given).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -55,27 +55,18 @@ class MultimodalModel(nn.Module):
         named = {"vision": self.vision, "projector": self.projector, "llm": self.llm, "action": self.action}
         return {name: tower for name, tower in named.items() if tower is not None}
 
+    def vision_token_mask(self, input_ids: Tensor) -> Tensor:
+        """True at image/video placeholder tokens (features go there in order)."""
+        mask = input_ids == self.config.image_token_id
+        if self.config.video_token_id is not None:
+            mask |= input_ids == self.config.video_token_id
+        return mask
+
     def image_features(self, pixel_values: Tensor, image_grid_thw: Tensor) -> Tensor:
-        """Projected features `[N_image_tokens, llm_hidden]` of all images in the row, in order."""
+        """Projected features `[N_vision_tokens, llm_hidden]` of all images/videos of the row, in order."""
         if self.vision is None or self.projector is None:
             raise ValueError(f"model {self.config.name!r} has no vision tower but the batch has pixel_values")
         return self.projector(self.vision(pixel_values, image_grid_thw), image_grid_thw)
-
-    def embed(self, input_ids: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None) -> Tensor:
-        embeds = self.llm.embed(input_ids)
-        if pixel_values is None:
-            return embeds
-        if image_grid_thw is None:
-            raise ValueError("batch has pixel_values but no image_grid_thw")
-        features = self.image_features(pixel_values, image_grid_thw).to(embeds.dtype)
-        is_image = input_ids == self.config.image_token_id
-        count = int(is_image.sum())
-        if count != features.shape[0]:
-            raise ValueError(
-                f"{count} image tokens (id {self.config.image_token_id}) in input_ids but the vision tower "
-                f"gave {features.shape[0]} features for image_grid_thw {image_grid_thw.tolist()}"
-            )
-        return embeds.masked_scatter(is_image[:, None], features)
 
     def forward(
         self,
@@ -85,9 +76,29 @@ class MultimodalModel(nn.Module):
         max_seqlen: int,
         pixel_values: Tensor | None = None,
         image_grid_thw: Tensor | None = None,
-    ) -> Tensor:
-        embeds = self.embed(input_ids, pixel_values, image_grid_thw)
-        return self.llm(embeds, position_ids, cu_seqlens, max_seqlen)
+        *,
+        targets: Tensor | None = None,
+        predict: bool = False,
+        loss_chunk_size: int = 4096,
+    ) -> LMOutput:
+        """Vision -> projector -> decoder over one packed row; see `Decoder.forward` for `targets`/`predict`."""
+        features = mask = None
+        if pixel_values is not None:
+            if image_grid_thw is None:
+                raise ValueError("batch has pixel_values but no image_grid_thw")
+            features = self.image_features(pixel_values, image_grid_thw)
+            mask = self.vision_token_mask(input_ids)
+            count = int(mask.sum())
+            if count != features.shape[0]:
+                raise ValueError(
+                    f"{count} image/video tokens (ids {self.config.image_token_id}, {self.config.video_token_id}) "
+                    f"in input_ids but the vision tower gave {features.shape[0]} features for image_grid_thw "
+                    f"{image_grid_thw.tolist()}"
+                )
+        return self.llm(
+            input_ids, position_ids, cu_seqlens, max_seqlen, vision_embeds=features, vision_mask=mask,
+            targets=targets, predict=predict, loss_chunk_size=loss_chunk_size,
+        )  # fmt: skip
 
 
 def count_params(module: nn.Module) -> int:

@@ -52,11 +52,12 @@ def _qwen25_vl_vision(out_dim: int, *, depth=32, width=1280, heads=16, mlp=3420,
 
 
 def _qwen2_vl(name, hf_id, params, text, family="qwen2_vl", image_token_id=QWEN2_VL_IMAGE_TOKEN, **vision_kw) -> dict:
+    video_token_id = image_token_id + 1
     build = _qwen2_vl_vision if family == "qwen2_vl" else _qwen25_vl_vision
     vision, projector = build(text.hidden_size, **vision_kw)
     return dict(
         name=name, family=family, text=text, vision=vision, projector=projector,
-        image_token_id=image_token_id, hf_id=hf_id, published_params=params,
+        image_token_id=image_token_id, video_token_id=video_token_id, hf_id=hf_id, published_params=params,
     )  # fmt: skip
 
 

@@ -4,13 +4,16 @@ RMSNorm (incl. Gemma's x * (1 + w)), optional QK-norm, Gemma embedding scaling, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_loneforge.datamodules.batch import IGNORE_INDEX
 from lightning_loneforge.model_zoo.attention import attention
 from lightning_loneforge.model_zoo.config import TextConfig
+from lightning_loneforge.model_zoo.loss import chunked_argmax, chunked_cross_entropy
 from lightning_loneforge.model_zoo.rope import apply_rotary, rope_cos_sin, rope_inv_freq
 
 
@@ -99,17 +102,38 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+@dataclass
+class LMOutput:
+    """What `Decoder.forward` gives: final hidden states, and when asked the loss and greedy predictions."""
+
+    hidden: Tensor
+    """`[T, hidden]` after the final norm."""
+    loss: Tensor | None = None
+    """Mean cross-entropy over labelled targets (chunked, no full logits)."""
+    num_targets: int = 0
+    predictions: Tensor | None = None
+    """`[num_targets]` argmax token at each labelled position, in order."""
+
+
+class TokenEmbedding(nn.Embedding):
+    """`nn.Embedding` initialised N(0, 0.02) (also when a strategy materialises it from meta)."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)
+
+
 class Decoder(nn.Module):
     """Token embedding, `blocks`, final norm and output projection (`lm_head`, absent when tied).
 
-    `embed(ids)` gives scaled token embeddings; `forward(embeds, position_ids, cu_seqlens, max_seqlen)` gives
-    final-normed hidden states `[T, hidden]`; `output_weight` is the `[vocab, hidden]` matrix for the loss.
+    Everything that touches the embedding / output matrices runs inside `forward` (so a sharding wrapper
+    around this tower gathers them once): embedding lookup and scaling, scattering vision features into their
+    placeholder positions, the blocks, the final norm, and the chunked loss / predictions when targets are given.
     """
 
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = TokenEmbedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.num_layers))
         self.norm = make_norm(config.norm, config.hidden_size, config.norm_eps)
         self.lm_head = None
@@ -122,18 +146,42 @@ class Decoder(nn.Module):
     def output_weight(self) -> Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def embed(self, input_ids: Tensor) -> Tensor:
+    def embed(self, input_ids: Tensor, vision_embeds: Tensor | None = None, vision_mask: Tensor | None = None):
+        """Token embeddings (scaled for Gemma), with `vision_embeds` placed where `vision_mask` is True."""
         embeds = self.embed_tokens(input_ids)
         if self.config.embed_scale:
             embeds = embeds * torch.tensor(math.sqrt(self.config.hidden_size), dtype=embeds.dtype)
+        if vision_embeds is not None:
+            embeds = embeds.masked_scatter(vision_mask[:, None], vision_embeds.to(embeds.dtype))
         return embeds
 
-    def forward(self, embeds: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        *,
+        vision_embeds: Tensor | None = None,
+        vision_mask: Tensor | None = None,
+        targets: Tensor | None = None,
+        predict: bool = False,
+        loss_chunk_size: int = 4096,
+    ) -> LMOutput:
+        """Run the packed row; with `targets` (`[T]`, next-token ids or IGNORE_INDEX) also the loss."""
+        x = self.embed(input_ids, vision_embeds, vision_mask)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.config.mrope_section)
-        x = embeds
         for block in self.blocks:
             x = block(x, cos, sin, cu_seqlens, max_seqlen)
-        return self.norm(x)
+        out = LMOutput(hidden=self.norm(x))
+        if targets is not None:
+            out.loss, out.num_targets = chunked_cross_entropy(
+                out.hidden, self.output_weight, targets, chunk_size=loss_chunk_size
+            )
+            if predict:
+                keep = targets != IGNORE_INDEX
+                out.predictions = chunked_argmax(out.hidden[keep], self.output_weight, chunk_size=loss_chunk_size)
+        return out
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Full logits (tests and generation only; training uses the chunked loss)."""
