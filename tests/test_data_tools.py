@@ -133,9 +133,17 @@ def test_inspect_counts_lengths_and_reports_bad_samples_and_corrupt_tars(tmp_pat
     assert "shards: 1   samples: 40   bad: 0" in printed
     assert "fields: json=40, png=40" in printed
     assert "images: 40, most common sizes 64x64 (40)" in printed
-    assert "tokens per sample (text + image): min 2" in printed  # ~20 text + 4 image tokens
+    assert "encoder: DemoTokenizer, patch 14, merge 2" in printed
+    shortest = int(printed.split("tokens per sample (text + image): min ")[1].split()[0])
+    assert (
+        20 <= shortest <= 26
+    )  # ~20 text tokens + 4 image tokens (64x64 -> 56x56 -> 4x4 patches -> 2x2 merged)
     assert "longer than --max-tokens 20: 40 sample(s)" in printed
     assert "token length histogram" in printed
+
+    assert main(["inspect", str(demo / "train-000000.tar"), "--patch-size", "8"]) == 0
+    printed = capsys.readouterr().out  # 64x64 stays 64x64 -> 8x8 patches -> 4x4 merged: 12 more tokens
+    assert f"tokens per sample (text + image): min {shortest + 12} " in printed
 
     good = demo / "val-000000.tar"
     first_sample = 2048  # val-0000000.json and .png, each one header block and one data block

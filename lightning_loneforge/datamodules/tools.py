@@ -323,17 +323,35 @@ def tar_tail_problem(shard: Path) -> str | None:
     return None
 
 
-def _load_encoder(tokenizer_path: str) -> Any | None:
+def _build_tokenizer(path: str) -> Any:
+    module_name, _, class_name = path.rpartition(".")
     try:
-        from lightning_loneforge.datamodules.encoder import SampleEncoder
-    except ImportError:
-        return None
-    module_name, _, class_name = tokenizer_path.rpartition(".")
-    try:
-        tokenizer = getattr(importlib.import_module(module_name), class_name)()
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ToolError(f"cannot build tokenizer {tokenizer_path!r}: {exc}") from exc
-    return SampleEncoder(tokenizer)
+        return getattr(importlib.import_module(module_name), class_name)()
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:
+        raise ToolError(f"cannot build tokenizer {path!r}: {exc}") from exc
+
+
+def build_encoder(args: argparse.Namespace) -> tuple[Any, str]:
+    """The `SampleEncoder` that counts tokens, and a line saying which one it is.
+
+    With `--model ROW` it is the zoo model's own encoder (`MultimodalModule(ROW).sample_encoder()`),
+    otherwise a Qwen2-VL-style encoder with `--tokenizer`, `--patch-size` and `--merge-size`.
+    """
+    from lightning_loneforge.datamodules.encoder import SampleEncoder
+
+    tokenizer = _build_tokenizer(args.tokenizer) if args.tokenizer else None
+    if args.model:
+        from lightning_loneforge.model_zoo.module import MultimodalModule
+
+        try:
+            encoder = MultimodalModule(model=args.model, tokenizer=tokenizer).sample_encoder()
+        except (KeyError, ValueError) as exc:
+            raise ToolError(f"--model {args.model}: {exc}") from exc
+        return encoder, f"encoder of zoo model {args.model}"
+    tokenizer = tokenizer or _build_tokenizer(_DEFAULT_TOKENIZER)
+    encoder = SampleEncoder(tokenizer, patch_size=args.patch_size, merge_size=args.merge_size)
+    name = type(tokenizer).__name__
+    return encoder, f"encoder: {name}, patch {args.patch_size}, merge {args.merge_size} (or use --model ROW)"
 
 
 def inspect_shards(shards: Sequence[Path], encoder: Any | None, limit: int | None = None) -> InspectReport:
@@ -420,7 +438,12 @@ def _print_report(report: InspectReport, max_tokens: int | None, console: Consol
         peak = max(count for _, _, count in length_histogram(ordered))
         for low, high, count in length_histogram(ordered):
             bar = "█" * round(30 * count / peak)
-            table.add_row(f"{low}-{high - 1}", str(count), f"{100 * count / len(ordered):.1f}%", bar)
+            table.add_row(
+                f"{low}" if high == low + 1 else f"{low}-{high - 1}",
+                str(count),
+                f"{100 * count / len(ordered):.1f}%",
+                bar,
+            )
         console.print(table)
     if report.bad:
         console.print(f"bad samples ({len(report.bad)}):")
@@ -458,9 +481,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     """Print sample count, field counts, token-length histogram and bad samples; exit 1 if any are bad."""
     console = _console()
     shards = expand_shards(args.shards)
-    encoder = _load_encoder(args.tokenizer)
-    if encoder is None:
-        console.print("token lengths skipped: lightning_loneforge.datamodules.encoder is not available")
+    encoder, which = build_encoder(args)
+    console.print(which)
     report = inspect_shards(shards, encoder, args.limit)
     _print_report(report, args.max_tokens, console)
     if args.plot:
@@ -508,7 +530,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tokens", type=int, default=None, help="report samples longer than this budget"
     )
     inspect.add_argument("--limit", type=int, default=None, help="inspect at most this many samples")
-    inspect.add_argument("--tokenizer", default=_DEFAULT_TOKENIZER, help="import path of a tokenizer class")
+    inspect.add_argument(
+        "--model", default=None, help="count tokens with this zoo row's encoder (e.g. tiny-demo)"
+    )
+    inspect.add_argument(
+        "--tokenizer", default=None, help=f"import path of a tokenizer class (default {_DEFAULT_TOKENIZER})"
+    )
+    inspect.add_argument(
+        "--patch-size", type=int, default=14, help="vision patch size without --model (default 14)"
+    )
+    inspect.add_argument(
+        "--merge-size", type=int, default=2, help="patch merge size without --model (default 2)"
+    )
     inspect.add_argument("--plot", default=None, help="write a length histogram PNG (needs matplotlib)")
     inspect.set_defaults(run=run_inspect)
     return parser
