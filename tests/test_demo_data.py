@@ -251,7 +251,14 @@ def test_demo_datamodule_is_selectable_by_class_path(tmp_path: Path) -> None:
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LightningDataModule, "data")
-    init = {"data_dir": str(tmp_path), "max_tokens": 256, "balance": True}
+    init = {
+        "data_dir": str(tmp_path),
+        "max_tokens": 256,
+        "balance": True,
+        "min_shapes": 3,
+        "n_train": 8,
+        "n_val": 4,
+    }
     config = parser.parse_object(
         {
             "data": {
@@ -262,3 +269,6 @@ def test_demo_datamodule_is_selectable_by_class_path(tmp_path: Path) -> None:
     )
     dm = parser.instantiate_classes(config).data
     assert (dm.max_tokens, dm.balance, dm.data_dir) == (256, True, tmp_path)
+    with tarfile.open(dm.demo_shards().train[0]) as tar:
+        metas = [json.load(tar.extractfile(m)) for m in tar if m.name.endswith(".json")]
+    assert len(metas) == 8 and all(len(meta["objects"]) == 3 for meta in metas)

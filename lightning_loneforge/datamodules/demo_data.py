@@ -398,7 +398,7 @@ class DemoDataModule(WebDatasetDataModule):
     Args:
         data_dir: Folder of the demo set; None means `default_demo_dir(spec)` under `$LONEFORGE_CACHE`
             or `~/.cache/lightning_loneforge`.
-        n_train, n_val, demo_seed: What to generate (see `DemoSpec`).
+        n_train, n_val, demo_seed, image_size, min_shapes, max_shapes: What to generate (see `DemoSpec`).
         train_shards, val_shards: Other shards to use instead of the generated ones.
         max_tokens, num_workers, shuffle_buffer, lookahead, seed, bad_sample: As in `WebDatasetDataModule`.
         **kwargs: Further `WebDatasetDataModule` arguments (`balance`, `encoder`, ...).
@@ -410,6 +410,9 @@ class DemoDataModule(WebDatasetDataModule):
         n_train: int = 20_000,
         n_val: int = 1_000,
         demo_seed: int = 0,
+        image_size: int = 64,
+        min_shapes: int = 2,
+        max_shapes: int = 3,
         train_shards: str | list[str] | None = None,
         val_shards: str | list[str] | None = None,
         max_tokens: int = 1024,
@@ -420,7 +423,14 @@ class DemoDataModule(WebDatasetDataModule):
         bad_sample: str = "raise",
         **kwargs: Any,
     ) -> None:
-        self.spec = DemoSpec(n_train=n_train, n_val=n_val, seed=demo_seed)
+        self.spec = DemoSpec(
+            n_train=n_train,
+            n_val=n_val,
+            seed=demo_seed,
+            image_size=image_size,
+            min_shapes=min_shapes,
+            max_shapes=max_shapes,
+        )
         self.data_dir = Path(data_dir).expanduser() if data_dir else default_demo_dir(self.spec)
         super().__init__(
             train_shards=train_shards if train_shards is not None else [],
@@ -439,7 +449,8 @@ class DemoDataModule(WebDatasetDataModule):
 
     def demo_shards(self) -> DemoShards:
         """The demo set, written now if it is not complete yet (safe to call from several processes)."""
-        return write_demo_shards(self.data_dir, self.spec.n_train, self.spec.n_val, self.spec.seed)
+        spec = asdict(self.spec)
+        return write_demo_shards(self.data_dir, **{k: v for k, v in spec.items() if k != "version"})
 
     @override
     def prepare_data(self) -> None:
