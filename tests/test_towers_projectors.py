@@ -22,6 +22,15 @@ VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_att
 TEXT = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls run faster on one thread, and do not stall when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def redraw(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

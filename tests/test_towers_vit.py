@@ -26,6 +26,15 @@ INTERNVL_SHAPE = {**SHAPE, "image_size": [32, 32], "patch_size": [8, 8]}
 OURS = dict(hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, image_size=32, patch_size=8)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls run faster on one thread, and do not stall when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def redraw(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every parameter non-default random values (default init hides dropped biases and norms)."""
     gen = torch.Generator().manual_seed(seed)

@@ -367,6 +367,8 @@ def map_strict(
         if name is None or name not in expected:
             unused.append(key)
             continue
+        if name in out:
+            raise KeyError(f"{what}: two keys under {prefix!r} map to {name}; the last is {key}")
         want = expected[name]
         if value.shape != want:
             if value.numel() != want.numel() or [d for d in value.shape if d != 1] != [d for d in want if d != 1]:
