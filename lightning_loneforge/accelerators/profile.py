@@ -55,7 +55,8 @@ class DeviceProfile:
     peak_bf16_tflops: float | None
     """Dense bf16 peak of one device in TFLOP/s, None when unknown (then MFU is not reported)."""
     memory_stats: MemoryStats
-    """`fn(device) -> {"allocated_gib", "reserved_gib", "peak_allocated_gib", "peak_reserved_gib"}`; {} when not tracked."""
+    """`fn(device) -> {"allocated_gib", "reserved_gib", "peak_allocated_gib", "peak_reserved_gib", "total_gib"}`;
+    {} when the device's memory is not tracked (CPU)."""
     reset_peak_memory: Callable[[torch.device], None]
     """Start a new peak-memory window on the device."""
     synchronize: Callable[[], None]
@@ -199,6 +200,7 @@ def _cuda_memory_stats(device: torch.device) -> dict[str, float]:
         "reserved_gib": torch.cuda.memory_reserved(device) / _GIB,
         "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / _GIB,
         "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / _GIB,
+        "total_gib": torch.cuda.get_device_properties(device).total_memory / _GIB,
     }
 
 
