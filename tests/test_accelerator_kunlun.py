@@ -68,10 +68,6 @@ def test_register_kunlun_leaves_a_foreign_entry_with_a_warning() -> None:
         dict.__setitem__(AcceleratorRegistry, "kunlun", ours)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lead: add `register_kunlun()` to lightning_loneforge/__init__.py, then delete this marker",
-)
 def test_importing_the_package_registers_kunlun() -> None:
     code = (
         "import lightning_loneforge\n"
