@@ -114,6 +114,7 @@ def default_demo_dir(spec: DemoSpec | None = None) -> Path:
 
 
 def _place_shapes(rng: random.Random, spec: DemoSpec) -> list[ShapeObject]:
+    """2-3 shapes of distinct kinds and colours at random positions, boxes 2 px apart (rejection sampling)."""
     count = rng.randint(spec.min_shapes, spec.max_shapes)
     size = spec.image_size
     largest = max(6, size // 5)
@@ -200,7 +201,7 @@ def make_sample(index: int, split: str, rng: random.Random, spec: DemoSpec) -> d
             {"from": "gpt", "value": answer},
         ],
         "question_type": kind,
-        "objects": [asdict(o) for o in objects],
+        "objects": [{"shape": o.shape, "colour": o.colour, "x": o.x, "y": o.y, "r": o.r} for o in objects],
     }
     return {"__key__": f"{split}-{index:07d}", "png": buffer.getvalue(), "json": json.dumps(meta).encode()}
 
