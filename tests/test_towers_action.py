@@ -182,3 +182,23 @@ def test_toy_mapping_trains_and_sampling_reproduces_targets():
     sampled = expert.sample(state, expert.encode_prefix(hidden=hidden), num_steps=10)
     assert sampled.shape == targets.shape
     assert (sampled - targets).abs().mean() < 0.1, (sampled - targets).abs().mean()
+
+
+def test_config_from_pi0_json_and_published_expert_size():
+    from transformers import GemmaModel
+
+    from lightning_loneforge.model_zoo.towers.action import action_config_from_hf
+
+    assert action_config_from_hf(tiny_pi0().config.to_dict()) == ActionExpertConfig(**EXPERT)
+    pi0 = PI0Config()
+    default = action_config_from_hf(pi0.to_dict())
+    assert default == ActionExpertConfig()  # our defaults are pi0's
+    with torch.device("meta"):
+        ours = FlowMatchingActionExpert(default)
+        dit = GemmaModel(pi0.dit_config)
+    # state_proj, action_in_proj, action_time_mlp_in, action_time_mlp_out, action_out_proj (with biases)
+    heads = 2 * (32 * 1024 + 1024) + (2 * 1024 * 1024 + 1024) + (1024 * 1024 + 1024) + (1024 * 32 + 32)
+    dit_params = sum(p.numel() for n, p in dit.named_parameters() if not n.startswith("embed_tokens"))
+    assert sum(p.numel() for p in ours.parameters()) == dit_params + heads
+    with pytest.raises(ValueError, match="model_type"):
+        action_config_from_hf({"model_type": "llava"})

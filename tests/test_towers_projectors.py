@@ -128,3 +128,77 @@ def test_strict_mapping_and_round_trip():
     fresh.load_state_dict(ours_to_hf_projector(ours.state_dict(), "", config), strict=True)
     assert torch.equal(fresh.layer_norm.bias, ours.norm.bias) and torch.equal(fresh.linear_2.weight, ours.fc2.weight)
     assert config.num_output_tokens(256) == 64
+
+
+def _family_model(family: str):
+    """A tiny transformers VLM of ``family`` with every weight re-drawn, and its pixel input."""
+    import transformers as T
+
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    text = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=300)
+    if family == "llava":
+        model = T.LlavaForConditionalGeneration(T.LlavaConfig(
+            vision_config=dict(model_type="clip_vision_model", **vision), text_config=dict(model_type="llama", **text)))
+    elif family == "llava_onevision":
+        model = T.LlavaOnevisionForConditionalGeneration(T.LlavaOnevisionConfig(
+            vision_config=dict(model_type="siglip_vision_model", **vision), text_config=dict(model_type="qwen2", **text)))
+    elif family == "paligemma":
+        model = T.PaliGemmaForConditionalGeneration(T.PaliGemmaConfig(
+            vision_config=dict(model_type="siglip_vision_model", vision_use_head=False, **vision),
+            text_config=dict(model_type="gemma", head_dim=12, **text), projection_dim=24))
+    elif family == "internvl":
+        model = T.InternVLForConditionalGeneration(T.InternVLConfig(
+            vision_config=vision, text_config=dict(model_type="qwen2", **text)))
+    elif family in ("idefics3", "smolvlm"):
+        cls, config_cls = ((T.Idefics3ForConditionalGeneration, T.Idefics3Config) if family == "idefics3"
+                           else (T.SmolVLMForConditionalGeneration, T.SmolVLMConfig))
+        model = cls(config_cls(vision_config=vision, text_config=dict(model_type="llama", **text), scale_factor=2))
+    else:  # pi0
+        model = T.PI0ForConditionalGeneration(T.PI0Config(
+            vlm_config=dict(vision_config=dict(model_type="siglip_vision_model", vision_use_head=False, **vision),
+                            text_config=dict(model_type="gemma", head_dim=12, **text), projection_dim=24),
+            dit_config=dict(hidden_size=24, num_hidden_layers=1, intermediate_size=48, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=12)))
+    return redraw(model, seed=4)
+
+
+def _hf_image_features(family: str, model, x: torch.Tensor) -> torch.Tensor:
+    if family == "llava_onevision":  # get_image_features adds any-resolution tiling; this is its per-tile part
+        hidden = model.model.vision_tower(x, output_hidden_states=True).hidden_states[-1]
+        return model.model.multi_modal_projector(hidden)
+    if family == "pi0":
+        return model.model.vlm.get_image_features(x).pooler_output
+    inputs = x[:, None] if family in ("idefics3", "smolvlm") else x
+    out = model.model.get_image_features(inputs).pooler_output
+    return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llava", "llava_onevision", "paligemma", "internvl", "idefics3", "smolvlm", "pi0"])
+def test_family_image_features_from_saved_checkpoint(family, tmp_path):
+    """config.json -> our configs, safetensors under HF_PREFIXES -> our towers: projector(vit(x)) equals the
+    transformers model's image features."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from lightning_loneforge.model_zoo.towers.projectors import HF_PREFIXES, projector_config_from_hf
+    from lightning_loneforge.model_zoo.towers.vit import VisionTransformer, hf_to_ours_vit, vit_config_from_hf
+
+    model = _family_model(family)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    weights = {k: v for f in tmp_path.glob("*.safetensors") for k, v in load_file(f).items()}
+    vision_prefix, projector_prefix = HF_PREFIXES[family]
+    vit_config, projector_config = vit_config_from_hf(config), projector_config_from_hf(config)
+    vit = VisionTransformer(vit_config).eval()
+    vit.load_state_dict(hf_to_ours_vit(weights, vision_prefix, vit_config), strict=True)
+    projector = Projector(projector_config).eval()
+    projector.load_state_dict(hf_to_ours_projector(weights, projector_prefix, projector_config), strict=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    want = _hf_image_features(family, model, x)
+    got = projector(vit(x))
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= TOL

@@ -204,3 +204,19 @@ def test_bad_input_names_the_tower():
         VisionTransformer(config)(torch.zeros(1, 1, 32, 32))
     with pytest.raises(ValueError, match="feature_layer"):
         ViTConfig(**{**OURS, "num_layers": 2}, feature_layer=5)
+
+
+def test_config_from_hf_errors_name_the_field():
+    from lightning_loneforge.model_zoo.towers.vit import vit_config_from_hf
+
+    with pytest.raises(ValueError, match="model_type='qwen2_vl'"):
+        vit_config_from_hf({"model_type": "qwen2_vl"})
+    with pytest.raises(ValueError, match="hidden_size"):
+        vit_config_from_hf({"model_type": "llava", "vision_config": {"num_hidden_layers": 2}})
+    with pytest.raises(ValueError, match="vision_feature_layer"):
+        vit_config_from_hf({"model_type": "llava", "vision_feature_layer": [-2, -5], "vision_config": {
+            "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2}})
+    llava = vit_config_from_hf({"model_type": "llava", "vision_config": {
+        "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+        "image_size": 336, "patch_size": 14}})
+    assert (llava.feature_layer, llava.hidden_act, llava.norm_eps, llava.num_feature_tokens()) == (-2, "quick_gelu", 1e-5, 576)

@@ -364,3 +364,33 @@ def ours_to_hf_action(state_dict: Mapping[str, Tensor], prefix: str = "") -> dic
             raise KeyError(f"action expert: no transformers name for our weight {key!r}")
         out[prefix + name] = value
     return out
+
+
+def action_config_from_hf(config: Mapping) -> ActionExpertConfig:
+    """``ActionExpertConfig`` from a transformers pi0 ``config.json`` (as a dict); absent keys take PI0Config's
+    defaults (Gemma-300M expert, chunk 50, 32-wide state and actions)."""
+    if config.get("model_type") != "pi0":
+        raise ValueError(f"action_config_from_hf: model_type={config.get('model_type')!r} is not 'pi0'")
+    dit = config.get("dit_config") or {}
+    rope = dit.get("rope_parameters") or dit.get("rope_scaling") or {}
+    act = dit.get("hidden_activation") or dit.get("hidden_act", "gelu_pytorch_tanh")
+    return ActionExpertConfig(
+        action_dim=config.get("max_action_dim", 32),
+        state_dim=config.get("max_state_dim", 32),
+        horizon=config.get("chunk_size", 50),
+        hidden_size=dit.get("hidden_size", 1024),
+        intermediate_size=dit.get("intermediate_size", 4096),
+        num_layers=dit.get("num_hidden_layers", 18),
+        num_heads=dit.get("num_attention_heads", 8),
+        num_kv_heads=dit.get("num_key_value_heads", 1),
+        head_dim=dit.get("head_dim", 256),
+        hidden_act="gelu_pytorch_tanh" if act == "gelu" else act,  # Gemma's legacy "gelu" means the tanh one
+        norm_eps=dit.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", dit.get("rope_theta", 10000.0)),
+        min_period=config.get("min_period", 4e-3),
+        max_period=config.get("max_period", 4.0),
+        time_beta=(config.get("time_sampling_beta_alpha", 1.5), config.get("time_sampling_beta_beta", 1.0)),
+        time_scale=config.get("time_sampling_scale", 0.999),
+        time_offset=config.get("time_sampling_offset", 0.001),
+        num_steps=config.get("num_inference_steps", 10),
+    )

@@ -18,6 +18,7 @@ from lightning_loneforge.model_zoo.towers.vit import (
     meta_shapes,
     name_rules,
     rename_key,
+    vlm_config,
 )
 
 
@@ -138,3 +139,51 @@ def ours_to_hf_projector(state_dict: Mapping[str, Tensor], prefix: str, config: 
             raise KeyError(f"projector: no transformers name for our weight {key!r}")
         out[prefix + name] = value
     return out
+
+
+def projector_config_from_hf(config: Mapping) -> ProjectorConfig:
+    """``ProjectorConfig`` from a transformers VLM ``config.json`` (as a dict): llava, llava_onevision, paligemma,
+    pi0, internvl, idefics3, smolvlm. Raises ValueError naming the field for anything else."""
+    family = config.get("model_type")
+    vlm = vlm_config(config)
+    try:
+        vision_dim = vlm["vision_config"]["hidden_size"]
+        if family in ("paligemma", "pi0"):
+            return ProjectorConfig(in_dim=vision_dim, out_dim=vlm.get("projection_dim", 2048), kind="linear")
+        text_dim = vlm["text_config"]["hidden_size"]
+    except KeyError as err:
+        raise ValueError(f"projector_config_from_hf: config.json of {family!r} lacks {err}") from None
+    if family in ("llava", "llava_onevision"):
+        return ProjectorConfig(
+            in_dim=vision_dim, out_dim=text_dim, hidden_act=config.get("projector_hidden_act", "gelu"),
+            bias=config.get("multimodal_projector_bias", True),
+        )
+    if family == "internvl":
+        ratio = config.get("downsample_ratio", 0.5)
+        return ProjectorConfig(
+            in_dim=vision_dim, out_dim=text_dim, hidden_act=config.get("projector_hidden_act", "gelu"),
+            pixel_shuffle=round(1 / ratio), norm=True,
+        )
+    if family in ("idefics3", "smolvlm"):
+        return ProjectorConfig(
+            in_dim=vision_dim, out_dim=text_dim, kind="linear", bias=False, pixel_shuffle=config.get("scale_factor", 2)
+        )
+    raise ValueError(f"projector_config_from_hf: model_type={family!r} has no projector here")
+
+
+HF_PREFIXES: dict[str, tuple[str, str]] = {
+    "llava": ("vision_tower.", "multi_modal_projector."),
+    "llava_onevision": ("vision_tower.", "multi_modal_projector."),
+    "paligemma": ("vision_tower.", "multi_modal_projector."),
+    "internvl": ("vision_tower.", "multi_modal_projector."),
+    "idefics3": ("model.vision_model.", "model.connector."),
+    "smolvlm": ("model.vision_model.", "model.connector."),
+    "pi0": (
+        "paligemma_with_expert.paligemma.model.vision_tower.",
+        "paligemma_with_expert.paligemma.model.multi_modal_projector.",
+    ),
+}
+"""(vision, projector) key prefixes in checkpoint files per family, as transformers 5.x ``save_pretrained``
+writes them; Hub LLaVA / LLaVA-OneVision / PaliGemma files add ``vision_model.`` after the vision prefix,
+which ``hf_to_ours_vit`` detects. A loaded model's ``state_dict()`` puts ``model.`` before the LLaVA-style
+prefixes; lerobot pi0 files may put ``model.`` before everything."""

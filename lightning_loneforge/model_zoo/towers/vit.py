@@ -416,3 +416,81 @@ def ours_to_hf_vit(state_dict: Mapping[str, Tensor], prefix: str, config: ViTCon
             value = value.reshape(1, -1, value.shape[-1])
         out[prefix + name] = value
     return out
+
+
+# ---- config.json -> ViTConfig ------------------------------------------------------------------
+
+# transformers' defaults for keys that Hub config.json files often leave out, per vision ``model_type``.
+_VISION_DEFAULTS: dict[str, dict] = {
+    "clip_vision_model": {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "image_size": 224, "patch_size": 32},
+    "siglip_vision_model": {"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "image_size": 224, "patch_size": 16},
+    "idefics3_vision": {"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "image_size": 224, "patch_size": 32},
+    "internvl_vision": {
+        "hidden_act": "gelu", "layer_norm_eps": 1e-6, "image_size": 448, "patch_size": 14, "attention_bias": False,
+        "use_qk_norm": False, "norm_type": "layer_norm", "layer_scale_init_value": 0.1, "use_mean_pooling": True,
+    },
+}
+_VISION_DEFAULTS["smolvlm_vision"] = _VISION_DEFAULTS["idefics3_vision"]
+_FAMILY_VISION = {
+    "llava": "clip_vision_model",
+    "llava_onevision": "siglip_vision_model",
+    "paligemma": "siglip_vision_model",
+    "pi0": "siglip_vision_model",
+    "idefics3": "idefics3_vision",
+    "smolvlm": "smolvlm_vision",
+    "internvl": "internvl_vision",
+}
+
+
+def vlm_config(config: Mapping) -> Mapping:
+    """The PaliGemma-style VLM part of a transformers config.json (pi0 nests it under ``vlm_config``)."""
+    return config["vlm_config"] if config.get("model_type") == "pi0" else config
+
+
+def _first(value):
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def vit_config_from_hf(config: Mapping) -> ViTConfig:
+    """``ViTConfig`` for the vision tower of a transformers VLM ``config.json`` (as a dict), with the feature layer,
+    class-token and post-norm choices the family's ``get_image_features`` makes.
+
+    Families (``model_type``): llava, llava_onevision, paligemma, pi0, idefics3, smolvlm, internvl.
+    Raises ValueError naming the field for an unknown family or a missing shape.
+    """
+    family = config.get("model_type")
+    if family not in _FAMILY_VISION:
+        raise ValueError(f"vit_config_from_hf: model_type={family!r} has no ViT tower; known: {sorted(_FAMILY_VISION)}")
+    vision = vlm_config(config).get("vision_config") or {}
+    kind = vision.get("model_type", _FAMILY_VISION[family])
+    if kind not in _VISION_DEFAULTS:
+        raise ValueError(f"vit_config_from_hf: vision_config.model_type={kind!r} is not a ViT we build")
+    v = {**_VISION_DEFAULTS[kind], **vision}
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in v]
+    if missing:
+        raise ValueError(f"vit_config_from_hf: vision_config lacks {missing}")
+    layer = config.get("vision_feature_layer", -2 if family == "llava" else -1)
+    if not isinstance(layer, int):
+        raise ValueError(f"vit_config_from_hf: vision_feature_layer={layer!r}: only a single layer is supported")
+    shape = dict(
+        hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"], num_layers=v["num_hidden_layers"],
+        num_heads=v["num_attention_heads"], image_size=_first(v["image_size"]), patch_size=_first(v["patch_size"]),
+        num_channels=v.get("num_channels", 3), hidden_act=v["hidden_act"], norm_eps=v["layer_norm_eps"],
+        feature_layer=layer,
+    )
+    if family == "llava":
+        drop = config.get("vision_feature_select_strategy", "default") == "default"
+        return ViTConfig(**shape, class_token=True, patch_bias=False, pre_norm=True, drop_cls=drop)
+    if family == "internvl":
+        post_norm = not v["use_mean_pooling"]
+        return ViTConfig(
+            **shape, class_token=True, qkv_bias=v["attention_bias"], qk_norm=v["use_qk_norm"],
+            norm_type=v["norm_type"], layer_scale=v["layer_scale_init_value"], post_norm=post_norm,
+            feature_post_norm=post_norm and layer == -1,
+            drop_cls=config.get("vision_feature_select_strategy", "default") == "default",
+        )
+    # SigLIP family: LLaVA-OneVision takes hidden_states[layer] (before post_layernorm); PaliGemma, pi0, Idefics3
+    # and SmolVLM take last_hidden_state (after it). The pooling head is never used by a VLM: absent unless asked.
+    return ViTConfig(
+        **shape, feature_post_norm=family != "llava_onevision", pool_head=bool(v.get("vision_use_head", False))
+    )
