@@ -162,6 +162,35 @@ def test_kunlun_trains_a_few_steps_on_one_device(kunlun_forced: None, precision:
         print(f"  step {step}: " + ", ".join(f"{key}={value:.4g}" for key, value in row.items()))
 
 
+def test_kunlun_trains_the_zoo_tiny_demo(kunlun_forced: None, tmp_path: Path) -> None:
+    """The zoo's `tiny-demo` on the demo data, with the suite's telemetry: the run the README describes."""
+    from lightning_loneforge.datamodules.demo_data import DemoDataModule
+    from lightning_loneforge.model_zoo import MultimodalModule
+    from lightning_loneforge.telemetry import DeviceMemoryMonitor, PackedThroughputMonitor, RunSummary
+
+    steps = 8
+    datamodule = DemoDataModule(
+        data_dir=str(tmp_path / "demo"), n_train=128, n_val=8, max_tokens=1024, num_workers=0
+    )
+    model = MultimodalModule("tiny-demo", max_steps=steps, warmup_steps=1)
+    memory, summary = DeviceMemoryMonitor(), RunSummary()
+    trainer = _trainer(
+        tmp_path,
+        steps,
+        precision="bf16-mixed",
+        limit_val_batches=0,
+        callbacks=[PackedThroughputMonitor(window_size=4), memory, summary],
+    )
+    trainer.fit(model, datamodule=datamodule)
+
+    assert isinstance(trainer.accelerator, KunlunAccelerator)
+    assert trainer.strategy.root_device.type == "cuda"
+    assert summary.summary["steps"] == steps and summary.summary["tokens_seen"] > 0
+    assert memory.run_peak["peak_allocated_gib"] > 0
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    print(f"\n[kunlun-on-cuda tiny-demo] {torch.cuda.get_device_name()}: {summary.summary}")
+
+
 def test_kunlun_ddp_uses_nccl_on_the_chip(kunlun_forced: None, tmp_path: Path) -> None:
     probe, model = BackendProbe(), TinyLM()
     trainer = _trainer(tmp_path, 2, strategy="ddp", precision="bf16-mixed", callbacks=[probe])
