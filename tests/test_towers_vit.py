@@ -220,3 +220,31 @@ def test_config_from_hf_errors_name_the_field():
         "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
         "image_size": 336, "patch_size": 14}})
     assert (llava.feature_layer, llava.hidden_act, llava.norm_eps, llava.num_feature_tokens()) == (-2, "quick_gelu", 1e-5, 576)
+
+
+def test_meta_build_materialises_like_lightning():
+    """Every module holding weights re-initialises itself after ``to_empty`` (Lightning's materialisation)."""
+    import warnings
+
+    from lightning.fabric.utilities.init import _materialize_distributed_module
+
+    from lightning_loneforge.model_zoo.towers.action import ActionExpertConfig, FlowMatchingActionExpert
+    from lightning_loneforge.model_zoo.towers.projectors import Projector, ProjectorConfig
+
+    towers = [
+        (VisionTransformer, ViTConfig(**OURS, class_token=True, layer_scale=0.1, qk_norm=True, norm_type="rms_norm")),
+        (VisionTransformer, ViTConfig(**OURS, pool_head=True, pre_norm=True)),
+        (Projector, ProjectorConfig(in_dim=32, out_dim=16, pixel_shuffle=2, norm=True)),
+        (FlowMatchingActionExpert, ActionExpertConfig(
+            action_dim=3, state_dim=2, horizon=4, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+            head_dim=8, prefix_dim=8)),
+    ]
+    for cls, config in towers:
+        with torch.device("meta"):
+            tower = cls(config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _materialize_distributed_module(tower, torch.device("cpu"))
+        assert all(torch.isfinite(p).all() for p in tower.parameters())
+        if isinstance(tower, VisionTransformer) and config.layer_scale:
+            assert torch.all(tower.blocks[0].ls1 == 0.1)

@@ -161,11 +161,18 @@ class ViTBlock(nn.Module):
         self.attn = ViTAttention(config)
         self.norm2 = _norm(config)
         self.mlp = ViTMLP(config)
+        self.layer_scale = config.layer_scale
         if config.layer_scale is not None:
             self.ls1 = nn.Parameter(torch.full((config.hidden_size,), float(config.layer_scale)))
             self.ls2 = nn.Parameter(torch.full((config.hidden_size,), float(config.layer_scale)))
         else:
             self.ls1 = self.ls2 = None
+
+    def reset_parameters(self) -> None:
+        """Layer scale back to its initial value (the sub-modules reset themselves)."""
+        if self.ls1 is not None:
+            nn.init.constant_(self.ls1, self.layer_scale)
+            nn.init.constant_(self.ls2, self.layer_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.attn(self.norm1(x))
@@ -174,15 +181,26 @@ class ViTBlock(nn.Module):
         return x + (h if self.ls2 is None else self.ls2 * h)
 
 
+class _MultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` that re-initialises through the public ``reset_parameters`` (meta-device builds)."""
+
+    def reset_parameters(self) -> None:
+        self._reset_parameters()
+
+
 class AttentionPoolingHead(nn.Module):
     """SigLIP's pooling head: a learned probe attends to all tokens, then a residual MLP."""
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
-        self.probe = nn.Parameter(torch.randn(1, 1, config.hidden_size))
-        self.attention = nn.MultiheadAttention(config.hidden_size, config.num_heads, batch_first=True)
+        self.probe = nn.Parameter(torch.empty(1, 1, config.hidden_size))
+        self.attention = _MultiheadAttention(config.hidden_size, config.num_heads, batch_first=True)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = ViTMLP(config)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.probe)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.attention(self.probe.expand(x.shape[0], -1, -1), x, x, need_weights=False)[0]
@@ -213,7 +231,8 @@ class VisionTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Re-draw the embeddings (the Linear/Conv/Norm modules keep their own init)."""
+        """Re-draw the embeddings; every sub-module with weights has its own ``reset_parameters``, so a meta-device
+        build materialises fully (``to_empty`` + ``reset_parameters`` on each module, as Lightning does)."""
         nn.init.normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
