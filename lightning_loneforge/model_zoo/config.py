@@ -47,7 +47,8 @@ class TextConfig:
 
 @dataclass(kw_only=True)
 class VisionConfig:
-    """Vision encoder. `kind` picks the tower class: `qwen2_vl`, `qwen2_5_vl`, `clip`, `siglip`, `intern_vit`."""
+    """Vision encoder. `kind` picks the tower class: `qwen2_vl`, `qwen2_5_vl`, `clip`, `siglip`, `idefics3`
+    (SigLIP as in Idefics3), `intern_vit`."""
 
     kind: str
     hidden_size: int
@@ -70,7 +71,7 @@ class VisionConfig:
     feature_layer: int = -1
     """Layer whose output feeds the projector (-2 for LLaVA-1.5)."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Family-specific settings passed through to the tower (e.g. layer scale, CLS token, qkv bias)."""
+    """Absolute-position ViTs: transformers `vision_config` fields passed through (e.g. `attention_bias`)."""
 
 
 @dataclass(kw_only=True)

@@ -7,17 +7,42 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from lightning_loneforge.model_zoo.config import ModelConfig, ProjectorConfig, VisionConfig
+from lightning_loneforge.model_zoo.config import ModelConfig
 from lightning_loneforge.model_zoo.towers.decoder import Decoder, LMOutput
 from lightning_loneforge.model_zoo.towers.qwen_vision import PatchMerger, QwenVisionTower
 
-VISION_BUILDERS: dict[str, Callable[[VisionConfig], nn.Module]] = {
-    "qwen2_vl": QwenVisionTower,
-    "qwen2_5_vl": QwenVisionTower,
-}
-"""Vision tower class per `VisionConfig.kind`."""
-PROJECTOR_BUILDERS: dict[str, Callable[[ProjectorConfig], nn.Module]] = {"patch_merger": PatchMerger}
-"""Projector class per `ProjectorConfig.kind`."""
+
+def _qwen_vision(config: ModelConfig) -> nn.Module:
+    return QwenVisionTower(config.vision)
+
+
+def _packed_vit(config: ModelConfig) -> nn.Module:
+    from lightning_loneforge.model_zoo.towers.packed_vit import PackedViT, vit_config
+
+    v = config.vision
+    return PackedViT(vit_config(config), temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size)
+
+
+def _patch_merger(config: ModelConfig) -> nn.Module:
+    return PatchMerger(config.projector)
+
+
+def _packed_projector(config: ModelConfig) -> nn.Module:
+    from lightning_loneforge.model_zoo.towers.packed_vit import PackedProjector, shuffle_projector_config
+
+    return PackedProjector(shuffle_projector_config(config), temporal_patch_size=config.vision.temporal_patch_size)
+
+
+VISION_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "qwen2_vl": _qwen_vision, "qwen2_5_vl": _qwen_vision,
+    "clip": _packed_vit, "siglip": _packed_vit, "intern_vit": _packed_vit, "idefics3": _packed_vit,
+}  # fmt: skip
+"""Vision tower builder per `VisionConfig.kind`."""
+PROJECTOR_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "patch_merger": _patch_merger, "mlp": _packed_projector, "linear": _packed_projector,
+    "pixel_shuffle_mlp": _packed_projector, "pixel_shuffle_linear": _packed_projector,
+}  # fmt: skip
+"""Projector builder per `ProjectorConfig.kind`."""
 ACTION_BUILDERS: dict[str, Callable] = {}
 """Action head per family (rows with an `ActionConfig`)."""
 
@@ -46,8 +71,8 @@ class MultimodalModel(nn.Module):
         unsupported = tower_support(config)
         if unsupported:
             raise NotImplementedError(f"model {config.name!r}: {unsupported}")
-        self.vision = VISION_BUILDERS[config.vision.kind](config.vision) if config.vision else None
-        self.projector = PROJECTOR_BUILDERS[config.projector.kind](config.projector) if config.projector else None
+        self.vision = VISION_BUILDERS[config.vision.kind](config) if config.vision else None
+        self.projector = PROJECTOR_BUILDERS[config.projector.kind](config) if config.projector else None
         self.llm = Decoder(config.text)
         self.action = ACTION_BUILDERS[config.family](config) if config.action else None
 

@@ -6,6 +6,8 @@ row's `source` says otherwise. Shapes come from each checkpoint's `config.json`.
 
 from __future__ import annotations
 
+import dataclasses
+
 from lightning_loneforge.model_zoo.config import (
     ModelConfig,
     ProjectorConfig,
@@ -65,22 +67,22 @@ def _clip_l(image_size: int) -> VisionConfig:
     return VisionConfig(
         kind="clip", hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096, patch_size=14,
         image_size=image_size, norm_eps=1e-5, act="quick_gelu", feature_layer=-2,
-        extra={"class_token": True, "pre_norm": True, "drop_cls": True},
     )  # fmt: skip
 
 
-def _siglip(image_size: int, *, layers=27, width=1152, mlp=4304, heads=16, patch=14, feature_layer=-1) -> VisionConfig:
+def _siglip(image_size: int, *, layers=27, width=1152, mlp=4304, heads=16, patch=14, kind="siglip", merge=1):
+    image_size -= image_size % patch  # 384 px / patch 14 -> 27 x 27 positions, as the strided conv gives
     return VisionConfig(
-        kind="siglip", hidden_size=width, num_layers=layers, num_heads=heads, intermediate_size=mlp,
-        patch_size=patch, image_size=image_size, norm_eps=1e-6, act="gelu_tanh", feature_layer=feature_layer,
+        kind=kind, hidden_size=width, num_layers=layers, num_heads=heads, intermediate_size=mlp, patch_size=patch,
+        image_size=image_size, norm_eps=1e-6, act="gelu_tanh", spatial_merge_size=merge,
     )  # fmt: skip
 
 
 def _intern_vit_300m() -> VisionConfig:
     return VisionConfig(
         kind="intern_vit", hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096, patch_size=14,
-        image_size=448, norm_eps=1e-6, act="gelu", feature_layer=-1,
-        extra={"class_token": True, "layer_scale": True, "qkv_bias": True, "qk_norm": False, "norm": "layernorm"},
+        image_size=448, norm_eps=1e-6, act="gelu", feature_layer=-1, spatial_merge_size=2,
+        extra={"attention_bias": True},
     )  # fmt: skip
 
 
@@ -106,6 +108,7 @@ def _llava(name, hf_id, params, text, vision, family="llava", image_token_id=320
 
 
 def _idefics3(name, hf_id, params, text, vision, scale, image_token_id) -> dict:
+    vision = dataclasses.replace(vision, kind="idefics3", spatial_merge_size=scale)
     projector = ProjectorConfig(
         kind="pixel_shuffle_linear", in_dim=vision.hidden_size, out_dim=text.hidden_size, merge_size=scale, bias=False,
         norm="none",
@@ -171,7 +174,7 @@ configs: list[dict] = [
               _llama(128259, 4096, 32, 32, 8, 14336, theta=500000.0, rope_scaling=_LLAMA31_SCALING),
               _siglip(364), scale=2, image_token_id=128257),
     _idefics3("smolvlm-256m", "HuggingFaceTB/SmolVLM-256M-Instruct", 256_484_928,
-              _llama(49280, 576, 30, 9, 3, 1536, theta=100000.0, tie=True),
+              _llama(49280, 576, 30, 9, 3, 1536, theta=100000.0, tie=False),
               _siglip(512, layers=12, width=768, mlp=3072, heads=12, patch=16), scale=4, image_token_id=49190),
     _idefics3("smolvlm-2.2b", "HuggingFaceTB/SmolVLM-Instruct", 2_246_272_880,
               _llama(49155, 2048, 24, 32, 32, 8192, theta=273768.0, tie=False),
