@@ -248,3 +248,15 @@ def test_meta_build_materialises_like_lightning():
         assert all(torch.isfinite(p).all() for p in tower.parameters())
         if isinstance(tower, VisionTransformer) and config.layer_scale:
             assert torch.all(tower.blocks[0].ls1 == 0.1)
+
+
+@torch.no_grad()
+def test_leftover_pixels_are_dropped_like_transformers():
+    """SigLIP-384 with 14-pixel patches: the convolution floors 384 / 14 to 27 patches per side."""
+    hf = redraw(SiglipVisionModel(SiglipVisionConfig(**{**SHAPE, "image_size": 36}, attn_implementation="eager")))
+    config = ViTConfig(**{**OURS, "image_size": 36}, hidden_act="gelu_pytorch_tanh", pool_head=True)
+    ours = load_ours(hf, config)
+    x = pixels(h=36, w=36)
+    got = ours(x)
+    assert got.shape == (2, 16, 32) and config.num_feature_tokens() == 16
+    assert (got - hf(x, output_hidden_states=True).hidden_states[-1]).abs().max() <= TOL

@@ -78,8 +78,6 @@ class ViTConfig:
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"ViTConfig: hidden_size={self.hidden_size} not divisible by num_heads={self.num_heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"ViTConfig: image_size={self.image_size} not divisible by patch_size={self.patch_size}")
         if not -(self.num_layers + 1) <= self.feature_layer <= self.num_layers:
             raise ValueError(f"ViTConfig: feature_layer={self.feature_layer} out of range for {self.num_layers} layers")
         if self.feature_post_norm and not self.post_norm:
@@ -90,7 +88,7 @@ class ViTConfig:
 
     @property
     def grid(self) -> int:
-        """Patches per side at ``image_size``."""
+        """Patches per side at ``image_size`` (leftover pixels are dropped, e.g. SigLIP 384 / 14 -> 27)."""
         return self.image_size // self.patch_size
 
     @property
@@ -255,9 +253,6 @@ class VisionTransformer(nn.Module):
                 f"VisionTransformer: pixel_values must be [N, {self.config.num_channels}, H, W], "
                 f"got {tuple(pixel_values.shape)}"
             )
-        patch = self.config.patch_size
-        if pixel_values.shape[2] % patch or pixel_values.shape[3] % patch:
-            raise ValueError(f"VisionTransformer: image size {tuple(pixel_values.shape[2:])} not divisible by {patch}")
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
         grid_h, grid_w = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)
