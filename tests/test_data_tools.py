@@ -65,7 +65,7 @@ def test_shard_writes_readable_webdataset_shards(tmp_path: Path, capsys) -> None
     out = tmp_path / "shards"
     args = ["shard", "--manifest", str(manifest), "--out", str(out), "--image-root", str(tmp_path / "images")]
     assert main([*args, "--max-count", "3"]) == 0
-    assert "wrote 4 samples into 2 shard(s)" in capsys.readouterr().out
+    assert f"wrote 4 samples into 2 shard(s): {out}/shard-{{000000..000001}}.tar" in capsys.readouterr().out
     shards = sorted(out.glob("*"))
     assert [p.name for p in shards] == ["shard-000000.tar", "shard-000001.tar"]
 

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -89,15 +90,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _brace(paths: Sequence[Path]) -> str:
-    """`dir/train-{000000..000007}.tar` for a run of numbered shards, else the paths joined by spaces."""
-    if len(paths) > 1:
-        first, last = paths[0].name, paths[-1].name
-        stem, _, number = first.rpartition("-")
-        digits = number.split(".")[0]
-        if last.startswith(stem + "-") and all(p.parent == paths[0].parent for p in paths):
-            end = last.rpartition("-")[2].split(".")[0]
-            suffix = number[len(digits) :]
-            return str(paths[0].parent / f"{stem}-{{{digits}..{end}}}{suffix}")
+    """`dir/train-{000000..000007}.tar` for a complete run of numbered shards, else the paths joined by spaces."""
+    numbered = [re.fullmatch(r"(.*-)(\d+)(\..*)", p.name) for p in paths]
+    if len(paths) > 1 and all(numbered) and all(p.parent == paths[0].parent for p in paths):
+        stem, first, suffix = numbered[0].groups()
+        expected = [f"{stem}{i:0{len(first)}d}{suffix}" for i in range(int(first), int(first) + len(paths))]
+        if [p.name for p in paths] == expected:
+            return str(paths[0].parent / f"{stem}{{{first}..{numbered[-1].group(2)}}}{suffix}")
     return " ".join(str(p) for p in paths)
 
 
