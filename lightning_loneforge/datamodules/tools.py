@@ -388,8 +388,10 @@ def _check_sample(
         return None
     try:
         encoded = encoder(sample)
-    except ValueError as exc:
+    except ValueError as exc:  # SampleError and friends: the message already says what is wrong
         return str(exc).replace(f"sample {raw['__url__']}:{raw['__key__']}: ", "")
+    except Exception as exc:  # an encoder bug on this sample is still a finding, not a crash of the report
+        return f"encoder failed: {type(exc).__name__}: {exc}"
     report.lengths.append(encoded.num_tokens)
     return None
 
