@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
+from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -134,8 +135,19 @@ def _no_peak_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PEAK_TFLOPS_ENV, raising=False)
 
 
-def test_cpu_run_logs_every_key_and_no_mfu(tmp_path: Path) -> None:
-    trainer, _ = _fit(tmp_path)
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trainer, str]:
+    """One CPU run shared by the tests that only read what it logged and printed."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(PEAK_TFLOPS_ENV, raising=False)
+        console = Console(record=True, width=120)
+        patch.setattr("lightning_loneforge.telemetry.summary.Console", lambda: console)
+        trainer, _ = _fit(tmp_path_factory.mktemp("cpu_run"))
+    return trainer, console.export_text()
+
+
+def test_cpu_run_logs_every_key_and_no_mfu(cpu_run: tuple[Trainer, str]) -> None:
+    trainer, _ = cpu_run
     rows = _read_csv(trainer)
     logged = set(rows[0])
     expected = {
@@ -166,8 +178,8 @@ def test_cpu_run_logs_every_key_and_no_mfu(tmp_path: Path) -> None:
     assert "mfu" not in trainer.progress_bar_metrics
 
 
-def test_summary_matches_logged_totals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    trainer, _ = _fit(tmp_path)
+def test_summary_matches_logged_totals(cpu_run: tuple[Trainer, str]) -> None:
+    trainer, printed = cpu_run
     summary = next(cb for cb in trainer.callbacks if isinstance(cb, RunSummary)).summary
     rows = _read_csv(trainer)
 
@@ -181,7 +193,6 @@ def test_summary_matches_logged_totals(tmp_path: Path, capsys: pytest.CaptureFix
     assert _column(rows, "summary/tokens_seen") == [summary["tokens_seen"]]
     assert "mfu" not in summary and "peak_allocated_gib" not in summary
 
-    printed = capsys.readouterr().out
     assert "loneforge run summary" in printed
     assert f"{summary['tokens_seen']:,.0f}" in printed
     assert "n/a" in printed  # MFU and memory are unknown on CPU
