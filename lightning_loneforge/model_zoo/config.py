@@ -119,6 +119,8 @@ class ModelConfig:
     published_params: int | None = None
     """Parameter count published for `hf_id` (safetensors total on the Hub); the size test compares to it."""
     source: str = ""
+    hf_config: dict[str, Any] | None = None
+    """The transformers `config.json` this config was read from (None for table rows); `save_hf` writes it back."""
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:

@@ -15,6 +15,13 @@ import torch
 from torch import Tensor
 
 from lightning_loneforge.model_zoo.config import ModelConfig, ProjectorConfig, TextConfig, VisionConfig
+from lightning_loneforge.model_zoo.hf_vlm import (
+    LAYOUTS,
+    VLM_TYPES,
+    vlm_config_from_hf,
+    vlm_hf_to_ours,
+    vlm_ours_to_hf,
+)
 
 _TEXT_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma", "mistral")
 _QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -48,11 +55,13 @@ def config_from_hf(hf: Mapping[str, Any], name: str | None = None) -> ModelConfi
             name=name, family=model_type, text=text, vision=vision, projector=projector,
             image_token_id=_require(hf, "image_token_id", "config.json"), video_token_id=hf.get("video_token_id"),
         )  # fmt: skip
+    if model_type in VLM_TYPES:
+        return vlm_config_from_hf(hf, name)
     raise ValueError(f"config.json: model_type {model_type!r} is not supported (supported: {_supported()})")
 
 
 def _supported() -> str:
-    return ", ".join(_TEXT_MODEL_TYPES + _QWEN_VL_TYPES)
+    return ", ".join(_TEXT_MODEL_TYPES + _QWEN_VL_TYPES + VLM_TYPES)
 
 
 def _text_family(model_type: str) -> str:
@@ -226,6 +235,8 @@ def _canonical(key: str, family: str) -> str:
 def hf_to_ours(state: Mapping[str, Tensor], model: torch.nn.Module, family: str) -> dict[str, Tensor]:
     """Rename and reshape a Hub state dict into `model`'s names. Strict: raises KeyError listing every unused
     checkpoint tensor and every model weight not found; ValueError on a shape mismatch."""
+    if family in LAYOUTS:
+        return vlm_hf_to_ours(state, model)
     if family not in WEIGHT_RULES:
         raise ValueError(f"no weight map for family {family!r} (have: {', '.join(sorted(WEIGHT_RULES))})")
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -281,6 +292,8 @@ _HUB_SHAPES: dict[str, Callable[[ModelConfig], tuple[int, ...]]] = {
 
 def ours_to_hf(state: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """Our weights under Hub names (inverse of `hf_to_ours`)."""
+    if config.family in LAYOUTS:
+        return vlm_ours_to_hf(state, config)
     rules = WEIGHT_RULES[config.family]
     inverse = [(dst, src) for src, dst in rules]
     out = {}
@@ -347,7 +360,8 @@ def save_hf(model, folder: str | Path) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=1) + "\n")
+    hf_config = model.config.hf_config or config_to_hf(model.config)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=1) + "\n")
     state = ours_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.config)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder

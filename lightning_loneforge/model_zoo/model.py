@@ -30,7 +30,10 @@ def _patch_merger(config: ModelConfig) -> nn.Module:
 def _packed_projector(config: ModelConfig) -> nn.Module:
     from lightning_loneforge.model_zoo.towers.packed_vit import PackedProjector, shuffle_projector_config
 
-    return PackedProjector(shuffle_projector_config(config), temporal_patch_size=config.vision.temporal_patch_size)
+    return PackedProjector(
+        shuffle_projector_config(config), temporal_patch_size=config.vision.temporal_patch_size,
+        image_newline=config.family == "llava_onevision",
+    )  # fmt: skip
 
 
 VISION_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {

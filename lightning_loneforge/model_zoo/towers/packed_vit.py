@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_loneforge.model_zoo.config import ModelConfig
-from lightning_loneforge.model_zoo.towers.projectors import Projector
+from lightning_loneforge.model_zoo.towers.projectors import Projector, projector_config_from_hf
 from lightning_loneforge.model_zoo.towers.projectors import ProjectorConfig as ShuffleProjectorConfig
 from lightning_loneforge.model_zoo.towers.vit import VisionTransformer, ViTConfig, vit_config_from_hf
 
@@ -27,6 +27,8 @@ _HF_FAMILY = {"llava": "llava", "llava_onevision": "llava_onevision", "paligemma
 
 def vit_config(config: ModelConfig) -> ViTConfig:
     """The `ViTConfig` of a row, with the feature-layer / class-token / post-norm choices of its family."""
+    if config.hf_config is not None:
+        return vit_config_from_hf(config.hf_config)
     v = config.vision
     if config.family not in _HF_FAMILY:
         raise ValueError(f"model {config.name!r}: family {config.family!r} has no absolute-position ViT")
@@ -40,6 +42,8 @@ def vit_config(config: ModelConfig) -> ViTConfig:
 
 
 def shuffle_projector_config(config: ModelConfig) -> ShuffleProjectorConfig:
+    if config.hf_config is not None:
+        return projector_config_from_hf(config.hf_config)
     p = config.projector
     kinds = {
         "mlp": dict(kind="mlp", hidden_act=p.act, bias=p.bias),
@@ -94,9 +98,12 @@ class PackedViT(VisionTransformer):
 class PackedProjector(Projector):
     """`Projector` over back-to-back features of several images: `forward(features, grid_thw)`."""
 
-    def __init__(self, config: ShuffleProjectorConfig, *, temporal_patch_size: int = 1) -> None:
+    def __init__(self, config: ShuffleProjectorConfig, *, temporal_patch_size: int = 1, image_newline: bool = False):
         super().__init__(config)
         self.temporal_patch_size = temporal_patch_size
+        self.image_newline = nn.Parameter(torch.zeros(config.out_dim)) if image_newline else None
+        """LLaVA-OneVision's row-end embedding: loaded and saved, but any-resolution tiling (which places it) is
+        not implemented, so it takes part in no computation."""
 
     def forward(self, features: Tensor, grid_thw: Tensor) -> Tensor:  # type: ignore[override]
         outs, start = [], 0
