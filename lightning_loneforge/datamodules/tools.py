@@ -469,7 +469,12 @@ def _plot(lengths: Sequence[int], path: Path, console: Console) -> None:
         console.print(f"--plot skipped: no encoded samples; {path} not written")
         return
     figure, axes = plt.subplots(figsize=(6, 3.5))
-    axes.hist(lengths, bins=min(50, len(set(lengths))))
+    bins = length_histogram(lengths)
+    unit = all(high == low + 1 for low, high, _ in bins)
+    edges = [low for low, _, _ in bins] + [bins[-1][1]]
+    axes.hist(lengths, bins=[e - 0.5 for e in edges] if unit else edges)
+    if bins[-1][1] > 16 * max(1, bins[0][0]):
+        axes.set_xscale("symlog")
     axes.set_xlabel("tokens per sample (text + image)")
     axes.set_ylabel("samples")
     figure.tight_layout()
