@@ -144,6 +144,12 @@ def test_inspect_counts_lengths_and_reports_bad_samples_and_corrupt_tars(tmp_pat
     assert main(["inspect", str(demo / "train-000000.tar"), "--patch-size", "8"]) == 0
     printed = capsys.readouterr().out  # 64x64 stays 64x64 -> 8x8 patches -> 4x4 merged: 12 more tokens
     assert f"tokens per sample (text + image): min {shortest + 12} " in printed
+    assert main(["inspect", str(demo / "train-000000.tar"), "--model", "tiny-demo"]) == 0
+    printed = capsys.readouterr().out  # the demo model patches by 8: the same count
+    assert "encoder of zoo model tiny-demo" in printed
+    assert f"tokens per sample (text + image): min {shortest + 12} " in printed
+    assert main(["inspect", str(demo / "train-000000.tar"), "--model", "no-such-row"]) == 2
+    assert "--model no-such-row: " in capsys.readouterr().err
 
     good = demo / "val-000000.tar"
     first_sample = 2048  # val-0000000.json and .png, each one header block and one data block
