@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 from rich.console import Console
 
 from lightning_loneforge.telemetry import (
     BatchFlops,
     DataPictures,
     batch_flops,
+    histogram_image,
     picture_numbers,
     real_tokens_in,
     samples_in,
+    save_histogram,
     summary_table,
 )
 from tests.test_telemetry_run import ROW, packed_row
@@ -83,3 +86,22 @@ def test_summary_table_says_na_for_unknown_numbers() -> None:
     text = console.export_text()
     assert "12,345" in text and "43.2%" in text and "too_long" in text
     assert text.count("n/a") == 8  # every other row of the table
+
+
+def test_histogram_bars_are_as_tall_as_their_counts(tmp_path) -> None:
+    bins = [(0, 1, 0), (1, 2, 4), (2, 4, 2)]
+    path = save_histogram(bins, tmp_path / "plots" / "lengths.png", "lengths")
+    image = Image.open(path).convert("RGB")
+    assert image.size == histogram_image(bins, "lengths").size
+    width, height = image.size
+    bottom = height - 48 - 1
+
+    def bar_height(index: int) -> int:
+        x = int(48 + (index + 0.5) * (width - 24 - 48) / len(bins))
+        return sum(1 for y in range(bottom, 0, -1) if image.getpixel((x, y)) == (70, 110, 180))
+
+    assert bar_height(0) == 0
+    assert bar_height(1) > 100
+    assert abs(bar_height(2) - bar_height(1) / 2) <= 2
+    with pytest.raises(ValueError, match="no bins"):
+        histogram_image([], "empty")

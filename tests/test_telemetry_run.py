@@ -233,6 +233,7 @@ def test_wandb_offline_run_gets_summary_and_charts(tmp_path: Path, monkeypatch: 
         path.name.split("_table_")[0] for path in (files / "media" / "table").rglob("*.table.json")
     )
     assert charts == ["pack_fill_histogram", "rank_cost", "sample_length_histogram"]
+    assert list((files / "media" / "images").rglob("sample_length_image_*.png"))
     lengths = next((files / "media" / "table").rglob("sample_length_histogram_*.table.json"))
     table = json.loads(lengths.read_text())
     picture = next(cb for cb in trainer.callbacks if type(cb).__name__ == "DataPictures")

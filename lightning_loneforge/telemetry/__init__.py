@@ -7,6 +7,7 @@ import lightning.pytorch as pl
 from lightning_loneforge.telemetry.counting import BatchFlops, batch_flops, real_tokens_in, samples_in
 from lightning_loneforge.telemetry.memory import DeviceMemoryMonitor
 from lightning_loneforge.telemetry.pictures import DataPictures, picture_numbers
+from lightning_loneforge.telemetry.plots import histogram_image, save_histogram
 from lightning_loneforge.telemetry.summary import RunSummary, summary_table
 from lightning_loneforge.telemetry.throughput import PackedThroughputMonitor
 
@@ -17,9 +18,11 @@ __all__ = [
     "PackedThroughputMonitor",
     "RunSummary",
     "batch_flops",
+    "histogram_image",
     "picture_numbers",
     "real_tokens_in",
     "samples_in",
+    "save_histogram",
     "summary_table",
     "telemetry_callbacks",
 ]

@@ -12,13 +12,14 @@ from typing_extensions import override
 
 from lightning_loneforge.datamodules.balancer import CostModel
 from lightning_loneforge.datamodules.batch import PackedBatch
+from lightning_loneforge.telemetry.plots import histogram_image
 
 
 class DataPictures(pl.Callback):
     """Sample lengths, pack fill and per-rank cost of the first `steps` training steps, published once.
 
-    W&B gets a histogram of sample lengths, a histogram of pack fill and a bar chart of the estimated cost each
-    rank received (`wandb.plot` charts over `wandb.Table`s). Every logger gets the numbers behind them:
+    W&B gets a histogram of sample lengths (a `wandb.plot` chart, plus an image binned as `loneforge data
+    inspect` bins), a histogram of pack fill and a bar chart of the estimated cost each rank received. Every logger gets the numbers behind them:
     `data/sample_length_{p50,p90,max}`, `data/pack_fill_{mean,min}` and `data/rank_cost_max_over_mean`.
     Batches that are not `PackedBatch` are ignored.
 
@@ -88,7 +89,15 @@ class DataPictures(pl.Callback):
             data=[[str(r), c] for r, c in enumerate(self.rank_costs)], columns=["rank", "cost"]
         )
         first = f"first {len(self.fills)} steps"
+        from lightning_loneforge.datamodules.tools import (
+            length_histogram,
+        )  # the bins `loneforge data inspect` uses
+
+        lengths_image = histogram_image(
+            length_histogram(self.lengths), f"Sample length in tokens ({first}, rank 0)"
+        )
         return {
+            "data/sample_length_image": wandb.Image(lengths_image),
             "data/sample_length_histogram": wandb.plot.histogram(
                 lengths, "tokens", title=f"Sample length in tokens ({first}, rank 0)"
             ),
