@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_loneforge.datamodules.batch import IGNORE_INDEX
 from lightning_loneforge.model_zoo.hf_io import from_pretrained, save_hf
+from lightning_loneforge.model_zoo.loss import shift_labels
 from tests.test_zoo_parity_qwen_vl import redraw
 
 transformers = pytest.importorskip("transformers")
@@ -32,6 +34,11 @@ def _hf(family: str):
         cfg = t.Idefics3Config(vision_config=VISION, text_config=dict(model_type="llama", **TEXT), image_token_id=IMAGE,
                                scale_factor=2)  # fmt: skip
         return t.Idefics3ForConditionalGeneration(cfg), 2
+    if family == "paligemma":
+        cfg = t.PaliGemmaConfig(vision_config=dict(model_type="siglip_vision_model", **VISION),
+                                text_config=dict(model_type="gemma", **TEXT, head_dim=16), image_token_index=IMAGE,
+                                projection_dim=TEXT["hidden_size"])  # fmt: skip
+        return t.PaliGemmaForConditionalGeneration(cfg), 1
     raise AssertionError(family)
 
 
@@ -43,7 +50,7 @@ def patchify(image: torch.Tensor, merge: int) -> tuple[torch.Tensor, torch.Tenso
     return x, torch.tensor([[1, gh, gw]])
 
 
-@pytest.mark.parametrize("family", ["llava", "internvl", "idefics3"])
+@pytest.mark.parametrize("family", ["llava", "internvl", "idefics3", "paligemma"])
 def test_vlm_logits_match_transformers(family, tmp_path):
     torch.manual_seed(0)
     hf, merge = _hf(family)
@@ -56,6 +63,10 @@ def test_vlm_logits_match_transformers(family, tmp_path):
     ids = torch.cat([torch.tensor([1, 10, 11]), torch.full((n_image,), IMAGE), torch.randint(20, 250, (9,), generator=g)])
     pixels = image[None, None] if family == "idefics3" else image[None]
     kwargs = {"pixel_attention_mask": torch.ones(1, 1, SIZE, SIZE, dtype=torch.bool)} if family == "idefics3" else {}
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[-5:] = ids[-5:]  # the answer; PaliGemma's prefix (image + prompt) is everything before it
+    if family == "paligemma":
+        kwargs["token_type_ids"] = (labels != IGNORE_INDEX).long()[None]
     with torch.no_grad():
         expected = hf(input_ids=ids[None], pixel_values=pixels, **kwargs).logits[0]
 
@@ -63,7 +74,8 @@ def test_vlm_logits_match_transformers(family, tmp_path):
     flat, grid = patchify(image, merge)
     cu = torch.tensor([0, len(ids)], dtype=torch.int32)
     with torch.no_grad():
-        logits = ours.llm.logits(ours(ids, torch.arange(len(ids)), cu, len(ids), flat, grid).hidden)
+        out = ours(ids, torch.arange(len(ids)), cu, len(ids), flat, grid, targets=shift_labels(labels, cu))
+        logits = ours.llm.logits(out.hidden)
     assert (logits - expected).abs().max() <= 1e-4
 
     save_hf(ours, tmp_path / "ours")

@@ -39,6 +39,9 @@ class TextConfig:
     tie_embeddings: bool = False
     embed_scale: bool = False
     """Multiply token embeddings by sqrt(hidden_size) (Gemma)."""
+    prefix_lm: bool = False
+    """Image + prompt attend bidirectionally, the answer causally (PaliGemma); the prefix ends at the first
+    labelled token of each sample."""
 
     @property
     def resolved_head_dim(self) -> int:

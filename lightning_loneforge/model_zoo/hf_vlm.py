@@ -9,6 +9,7 @@ The vision tower and projector weights go through the towers' own strict maps (`
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +52,8 @@ def vlm_config_from_hf(hf: Mapping[str, Any], name: str) -> ModelConfig:
         text_hf["tie_word_embeddings"] = hf["tie_word_embeddings"]
     text_type = text_hf.get("model_type", "gemma" if model_type == "paligemma" else "llama")
     text = text_config_from_hf(text_hf, text_type)
+    if model_type == "paligemma":
+        text = dataclasses.replace(text, prefix_lm=True)
     merge = proj.pixel_shuffle
     vision = VisionConfig(
         kind=_VISION_KIND[model_type], hidden_size=vit.hidden_size, num_layers=vit.num_layers,

@@ -122,7 +122,7 @@ def _idefics3(name, hf_id, params, text, vision, scale, image_token_id) -> dict:
 _GEMMA_2B = TextConfig(
     vocab_size=257216, hidden_size=2048, num_layers=18, num_heads=8, num_kv_heads=1, head_dim=256,
     intermediate_size=16384, norm_eps=1e-6, rope_theta=10000.0, mlp="geglu", norm="rms_gemma",
-    tie_embeddings=True, embed_scale=True,
+    tie_embeddings=True, embed_scale=True, prefix_lm=True,
 )  # fmt: skip
 
 _LLAMA3_8B = _llama(128256, 4096, 32, 32, 8, 14336, theta=500000.0)

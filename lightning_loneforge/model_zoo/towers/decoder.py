@@ -64,6 +64,34 @@ class GatedMLP(nn.Module):
         return self.down_proj(gate * self.up_proj(x))
 
 
+@dataclass
+class PrefixLM:
+    """Prefix-LM attention (PaliGemma): each sample's first `length` tokens attend to each other both ways.
+
+    Causal attention gives the suffix rows; the prefix rows are recomputed by non-causal attention over the
+    prefix tokens only (`index` into the row, `cu_seqlens` of the prefixes), so every backend can run it.
+    """
+
+    index: Tensor
+    cu_seqlens: Tensor
+    max_seqlen: int
+
+    @classmethod
+    def from_targets(cls, targets: Tensor, cu_seqlens: Tensor) -> PrefixLM:
+        """Prefix of each sample = tokens before its first labelled token (image + prompt); all of it if none."""
+        bounds = cu_seqlens.tolist()
+        labelled = (targets != IGNORE_INDEX).tolist()
+        index, lengths = [], []
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            # targets are shifted: target[i] labels token i + 1, so the first labelled token is first_target + 1
+            first = next((i + 1 for i in range(start, end) if labelled[i]), end)
+            index.extend(range(start, first))
+            lengths.append(first - start)
+        device = targets.device
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        return cls(torch.tensor(index, dtype=torch.long, device=device), cu, max(lengths, default=0))
+
+
 class DecoderAttention(nn.Module):
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
@@ -76,7 +104,9 @@ class DecoderAttention(nn.Module):
         self.q_norm = RMSNorm(hd, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(hd, config.norm_eps) if config.qk_norm else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor, max_seqlen: int, prefix: PrefixLM | None = None
+    ) -> Tensor:
         total = x.shape[0]
         q = self.q_proj(x).view(total, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(total, self.num_kv_heads, self.head_dim)
@@ -85,6 +115,10 @@ class DecoderAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
+        if prefix is not None:
+            i = prefix.index
+            prefix_out = attention(q[i], k[i], v[i], prefix.cu_seqlens, prefix.max_seqlen, causal=False)
+            out = out.index_copy(0, i, prefix_out)
         return self.o_proj(out.reshape(total, -1))
 
 
@@ -97,8 +131,10 @@ class DecoderBlock(nn.Module):
         act = "silu" if config.mlp == "swiglu" else "gelu_tanh"
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, act)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor, max_seqlen: int, prefix: PrefixLM | None = None
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, prefix)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -171,8 +207,13 @@ class Decoder(nn.Module):
         """Run the packed row; with `targets` (`[T]`, next-token ids or IGNORE_INDEX) also the loss."""
         x = self.embed(input_ids, vision_embeds, vision_mask)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.config.mrope_section)
+        prefix = None
+        if self.config.prefix_lm:
+            if targets is None:
+                raise ValueError("a prefix-LM decoder (PaliGemma) needs targets to know where each prefix ends")
+            prefix = PrefixLM.from_targets(targets, cu_seqlens)
         for block in self.blocks:
-            x = block(x, cos, sin, cu_seqlens, max_seqlen)
+            x = block(x, cos, sin, cu_seqlens, max_seqlen, prefix)
         out = LMOutput(hidden=self.norm(x))
         if targets is not None:
             out.loss, out.num_targets = chunked_cross_entropy(
