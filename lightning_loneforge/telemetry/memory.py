@@ -41,7 +41,7 @@ class DeviceMemoryMonitor(pl.Callback):
         stats = device_profile(trainer.accelerator).memory_stats(pl_module.device)
         if not stats:
             return
-        local = torch.tensor([stats[key] for key in _PEAK_KEYS], dtype=torch.float64, device=pl_module.device)
+        local = torch.tensor([stats[key] for key in _PEAK_KEYS], dtype=torch.float32, device=pl_module.device)
         peaks = dict(zip(_PEAK_KEYS, trainer.strategy.reduce(local, reduce_op="max").tolist(), strict=True))
         if stats.get("total_gib"):
             peaks["peak_reserved_fraction"] = peaks["peak_reserved_gib"] / stats["total_gib"]

@@ -67,7 +67,9 @@ class DataPictures(pl.Callback):
     def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Gather per-rank costs (a collective: every rank calls this at the same step) and log."""
         self._published = True
-        local = torch.tensor([self.cost], dtype=torch.float64, device=pl_module.device)
+        local = torch.tensor(
+            [self.cost], dtype=torch.float32, device=pl_module.device
+        )  # fp32: chips without fp64
         self.rank_costs = pl_module.all_gather(local).reshape(-1).cpu().tolist()
         if not trainer.is_global_zero:
             return

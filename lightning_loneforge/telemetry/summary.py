@@ -34,7 +34,8 @@ _ROWS = (
 class RunSummary(pl.Callback):
     """At the end of training: tokens seen, wall time, mean tokens/s, MFU, peak memory and skipped samples.
 
-    Counts every rank's own batches and sums them over ranks at the end (one all-reduce). Printed once as a
+    Counts every rank's own batches and sums them over ranks at the end (one `all_gather_object`, so counts stay
+    exact whatever dtypes the collective library supports). Printed once as a
     table, logged as `summary/<name>` through every Lightning logger, and written to W&B's run summary.
     Numbers that are not known (MFU on CPU, memory on CPU, skips without a datamodule that counts them) are
     left out, not set to zero. The result stays in `self.summary`.
@@ -46,13 +47,13 @@ class RunSummary(pl.Callback):
     def __init__(self, print_table: bool = True) -> None:
         self.print_table = print_table
         self.summary: dict[str, float] = {}
-        self._totals = torch.zeros(4, dtype=torch.float64)  # real tokens, samples, 6N FLOPs, batches
+        self._totals = [0.0, 0.0, 0.0, 0.0]  # real tokens, samples, 6N FLOPs, batches
         self._flops_known = True
         self._t0 = 0.0
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._totals.zero_()
+        self._totals = [0.0, 0.0, 0.0, 0.0]
         self._flops_known = True
         self._t0 = time.perf_counter()
 
@@ -63,17 +64,16 @@ class RunSummary(pl.Callback):
         flops = batch_flops(pl_module, batch)
         self._flops_known &= flops is not None
         dense = flops.dense if flops is not None else 0.0
-        self._totals += torch.tensor(
-            [real_tokens_in(batch), samples_in(batch), dense, 1.0], dtype=torch.float64
-        )
+        step = (real_tokens_in(batch), samples_in(batch), dense, 1.0)
+        self._totals = [total + value for total, value in zip(self._totals, step, strict=True)]
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         profile = device_profile(trainer.accelerator)
         profile.synchronize()
         wall = time.perf_counter() - self._t0
-        totals = trainer.strategy.reduce(self._totals.to(pl_module.device), reduce_op="sum").cpu().tolist()
-        tokens, samples, dense, batches = totals
+        per_rank = _gather(self._totals)
+        tokens, samples, dense, batches = (sum(column) for column in zip(*per_rank, strict=True))
         summary = {
             "steps": float(trainer.global_step),
             "tokens_seen": tokens,
@@ -139,14 +139,18 @@ def _skipped_samples(trainer: pl.Trainer) -> dict[str, float]:
     local = {
         key.removeprefix("data/"): float(v) for key, v in metrics().items() if key.startswith("data/skipped_")
     }
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        gathered: list[dict[str, float] | None] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, local)
-    else:
-        gathered = [local]
     merged: dict[str, float] = {}
-    for part in gathered:
-        for key, value in (part or {}).items():
+    for part in _gather(local):
+        for key, value in part.items():
             merged[key] = merged.get(key, 0.0) + value
     merged["skipped_samples"] = sum(merged.values())
     return merged
+
+
+def _gather(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order (just `[value]` without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
