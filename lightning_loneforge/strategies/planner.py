@@ -28,7 +28,7 @@ from lightning_loneforge.strategies.plan import TowerPlan
 
 GIB = 1024**3
 ADAM_STATE_BYTES = 8
-DEFAULT_BUDGET_FRACTION = 0.5
+DEFAULT_BUDGET_FRACTION = 0.4
 DEFAULT_MEMORY_GIB = 80.0
 
 
