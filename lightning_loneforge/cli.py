@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import sys
 
+from jsonargparse import lazy_instance
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 
 _TOOLS = {
     "data": "lightning_loneforge.datamodules.tools:main",
@@ -18,13 +21,12 @@ class LoneforgeCLI(LightningCLI):
     """LightningCLI whose defaults are the suite's: tower-parallel strategy, offline W&B, rich progress bar."""
 
     def __init__(self, *args, **kwargs) -> None:
+        from lightning_loneforge.strategies import TowerParallelStrategy
+
         defaults = {
-            "strategy": {"class_path": "lightning_loneforge.strategies.TowerParallelStrategy"},
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.WandbLogger",
-                "init_args": {"project": "loneforge", "offline": True},
-            },
-            "callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}],
+            "strategy": lazy_instance(TowerParallelStrategy),
+            "logger": lazy_instance(WandbLogger, project="loneforge", offline=True),
+            "callbacks": [lazy_instance(RichProgressBar)],
         }
         defaults.update(kwargs.pop("trainer_defaults", None) or {})
         super().__init__(*args, trainer_defaults=defaults, **kwargs)
@@ -38,9 +40,9 @@ def _run_tool(target: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `loneforge` console script."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in _TOOLS:
-        return _run_tool(_TOOLS[argv[0]], argv[1:])
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in _TOOLS:
+        return _run_tool(_TOOLS[words[0]], words[1:])
     os.environ.setdefault("WANDB_MODE", "offline")
     import lightning_loneforge  # noqa: F401  (registers the suite's accelerator and strategy names)
 
