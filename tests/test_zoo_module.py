@@ -146,3 +146,25 @@ def _chunks(items, size):
 
 def _loader(batches):
     return torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
+
+
+def test_vla_row_trains_action_head_from_packed_row():
+    from lightning_loneforge.model_zoo.module import MultimodalModule as Module
+
+    torch.manual_seed(0)
+    module = Module("tiny-pi0")
+    module.configure_model()
+    patch = torch.randn(2 * 16, 3 * 8 * 8)
+    ids = torch.cat([torch.full((16,), 6), torch.arange(20, 30), torch.full((16,), 6), torch.arange(40, 45)])
+    batch = PackedBatch(
+        input_ids=ids, labels=torch.full_like(ids, IGNORE_INDEX), position_ids=torch.cat([torch.arange(26), torch.arange(21)]),
+        cu_seqlens=torch.tensor([0, 26, 47], dtype=torch.int32), max_seqlen=26, pixel_values=patch,
+        image_grid_thw=torch.tensor([[1, 4, 4], [1, 4, 4]]), actions=torch.randn(2, 5, 4), proprio=torch.randn(2, 3),
+        action_sample_index=torch.tensor([1, 0]), sample_keys=["a", "b"],
+    )  # fmt: skip
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for tower in ("action", "vision", "llm"):
+        grads = [p.grad for p in module.towers()[tower].parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), tower

@@ -30,7 +30,8 @@ def test_row_builds_on_meta_with_published_size(name):
         assert name.startswith("tiny-"), "only tiny rows may lack a published size"
         return
     params = count_params(model)
-    assert abs(params - config.published_params) <= 0.01 * config.published_params, (params, config.published_params)
+    tolerance = config.params_tolerance * config.published_params
+    assert abs(params - config.published_params) <= tolerance, (params, config.published_params)
 
 
 def test_table_has_the_issue_rows():

@@ -95,13 +95,14 @@ class ProjectorConfig:
 
 @dataclass(kw_only=True)
 class ActionConfig:
-    """Flow-matching action expert (pi0 style)."""
+    """Flow-matching action expert (pi0 style); `expert` gives its transformer's shape (vocab unused)."""
 
     action_dim: int
     horizon: int
     proprio_dim: int
     expert: TextConfig
     extra: dict[str, Any] = field(default_factory=dict)
+    """Further `ActionExpertConfig` fields (time sampling, Euler steps)."""
 
 
 @dataclass(kw_only=True)
@@ -121,6 +122,8 @@ class ModelConfig:
     hf_id: str | None = None
     published_params: int | None = None
     """Parameter count published for `hf_id` (safetensors total on the Hub); the size test compares to it."""
+    params_tolerance: float = 0.01
+    """Relative tolerance of the size test (wider only where the publication rounds, see the row's comment)."""
     source: str = ""
     hf_config: dict[str, Any] | None = None
     """The transformers `config.json` this config was read from (None for table rows); `save_hf` writes it back."""

@@ -46,8 +46,21 @@ PROJECTOR_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "pixel_shuffle_mlp": _packed_projector, "pixel_shuffle_linear": _packed_projector,
 }  # fmt: skip
 """Projector builder per `ProjectorConfig.kind`."""
-ACTION_BUILDERS: dict[str, Callable] = {}
-"""Action head per family (rows with an `ActionConfig`)."""
+def _flow_matching_expert(config: ModelConfig) -> nn.Module:
+    from lightning_loneforge.model_zoo.towers.action import ActionExpertConfig, FlowMatchingActionExpert
+
+    a, e = config.action, config.action.expert
+    return FlowMatchingActionExpert(ActionExpertConfig(
+        action_dim=a.action_dim, state_dim=a.proprio_dim, horizon=a.horizon, hidden_size=e.hidden_size,
+        intermediate_size=e.intermediate_size, num_layers=e.num_layers, num_heads=e.num_heads,
+        num_kv_heads=e.num_kv_heads, head_dim=e.resolved_head_dim, norm_eps=e.norm_eps, rope_theta=e.rope_theta,
+        prefix_dim=config.text.hidden_size, **a.extra,
+    ))  # fmt: skip
+
+
+ACTION_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {"pi0": _flow_matching_expert}
+"""Action head per family (rows with an `ActionConfig`): pi0's flow-matching expert over the VLM's last hidden
+states (the expert's `prefix_proj` + per-layer k/v read them; pi0 itself reads per-layer VLM keys/values)."""
 
 
 def tower_support(config: ModelConfig) -> str | None:
@@ -108,8 +121,15 @@ class MultimodalModel(nn.Module):
         targets: Tensor | None = None,
         predict: bool = False,
         loss_chunk_size: int = 4096,
+        actions: Tensor | None = None,
+        proprio: Tensor | None = None,
+        action_sample_index: Tensor | None = None,
     ) -> LMOutput:
-        """Vision -> projector -> decoder over one packed row; see `Decoder.forward` for `targets`/`predict`."""
+        """Vision -> projector -> decoder over one packed row; see `Decoder.forward` for `targets`/`predict`.
+
+        With an action head and `actions` `[A, horizon, action_dim]` (+ `proprio` `[A, state_dim]`, and
+        `action_sample_index` `[A]` naming each chunk's sample), `LMOutput.action_loss` is the flow-matching loss.
+        """
         features = mask = None
         if pixel_values is not None:
             if image_grid_thw is None:
@@ -123,10 +143,27 @@ class MultimodalModel(nn.Module):
                     f"in input_ids but the vision tower gave {features.shape[0]} features for image_grid_thw "
                     f"{image_grid_thw.tolist()}"
                 )
-        return self.llm(
+        out = self.llm(
             input_ids, position_ids, cu_seqlens, max_seqlen, vision_embeds=features, vision_mask=mask,
             targets=targets, predict=predict, loss_chunk_size=loss_chunk_size,
         )  # fmt: skip
+        if actions is not None:
+            out.action_loss = self.action_loss(out.hidden, cu_seqlens, actions, proprio, action_sample_index)
+        return out
+
+    def action_loss(
+        self, hidden: Tensor, cu_seqlens: Tensor, actions: Tensor, proprio: Tensor | None, sample_index: Tensor | None
+    ) -> Tensor:
+        """Flow-matching loss of the action head, each chunk conditioned on its own sample's hidden states."""
+        from lightning_loneforge.model_zoo.towers.action import pad_packed
+
+        if self.action is None:
+            raise ValueError(f"model {self.config.name!r} has no action head but the batch has actions")
+        if proprio is None or sample_index is None:
+            raise ValueError("batch has actions but no proprio / action_sample_index")
+        padded, mask = pad_packed(hidden, cu_seqlens)
+        prefix = self.action.encode_prefix(hidden=padded[sample_index], mask=mask[sample_index])
+        return self.action.loss(actions.to(hidden.dtype), proprio.to(hidden.dtype), prefix)
 
 
 def count_params(module: nn.Module) -> int:

@@ -123,20 +123,28 @@ class MultimodalModule(LightningModule):
         return self.model(
             batch.input_ids, batch.position_ids, batch.cu_seqlens, int(batch.max_seqlen), batch.pixel_values,
             batch.image_grid_thw, targets=targets, predict=predict, loss_chunk_size=self.hparams.loss_chunk_size,
+            actions=batch.actions, proprio=batch.proprio, action_sample_index=batch.action_sample_index,
         ), targets  # fmt: skip
 
     @override
     def training_step(self, batch: PackedBatch, batch_idx: int) -> Tensor:
         out, _ = self(batch)
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=1)
+        loss = out.loss
+        if out.action_loss is not None:
+            self.log("train/action_loss", out.action_loss, batch_size=1)
+            self.log("train/text_loss", out.loss, batch_size=1)
+            loss = loss + out.action_loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=1)
         self.log("train/label_tokens", float(out.num_targets), batch_size=1, reduce_fx="sum")
-        return out.loss
+        return loss
 
     @override
     def validation_step(self, batch: PackedBatch, batch_idx: int) -> None:
         out, targets = self(batch, predict=True)
         if out.num_targets:
             self.val_loss.update(out.loss.detach(), weight=out.num_targets)
+        if out.action_loss is not None:
+            self.log("val/action_loss", out.action_loss, batch_size=1)
         correct = answer_exact_match(out.predictions, targets, batch.cu_seqlens)
         if correct.numel():
             self.val_answer_acc.update(correct)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from lightning_loneforge.model_zoo.config import (
+    ActionConfig,
     ModelConfig,
     ProjectorConfig,
     TextConfig,
@@ -185,6 +186,17 @@ configs: list[dict] = [
         projector=ProjectorConfig(kind="linear", in_dim=1152, out_dim=2048, bias=True, norm="none"),
         image_token_id=257152, hf_id="google/paligemma-3b-pt-224", published_params=2_923_335_408,
     ),
+    # --- pi0-style VLA: PaliGemma-3B + Gemma-300M flow-matching action expert (Black et al. 2024, arXiv:2410.24164:
+    # "3.3 billion parameters"; the paper rounds, hence the 2% tolerance). Our expert reads the VLM's last hidden
+    # states through `prefix_proj` (pi0 reads per-layer keys/values), so openpi/lerobot weights do not load. ---
+    dict(
+        name="pi0-3b", family="pi0", text=_GEMMA_2B, vision=_siglip(224),
+        projector=ProjectorConfig(kind="linear", in_dim=1152, out_dim=2048, bias=True, norm="none"),
+        action=ActionConfig(action_dim=32, horizon=50, proprio_dim=32, expert=TextConfig(
+            vocab_size=0, hidden_size=1024, num_layers=18, num_heads=8, num_kv_heads=1, head_dim=256,
+            intermediate_size=4096, mlp="geglu", norm="rms_gemma")),
+        image_token_id=257152, hf_id=None, published_params=3_300_000_000, params_tolerance=0.02,
+    ),
     # --- text-only decoders used by the rows above ---
     dict(name="llama-3-8b", family="llama", text=_LLAMA3_8B, hf_id="meta-llama/Meta-Llama-3-8B",
          published_params=8_030_261_248),
@@ -202,6 +214,16 @@ configs: list[dict] = [
     dict(name="tiny-qwen3", family="qwen3",
          text=TextConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
                          intermediate_size=128, rope_theta=1e6, qk_norm=True, tie_embeddings=True)),
+    dict(name="tiny-pi0", family="pi0",
+         text=TextConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16,
+                         intermediate_size=128, mlp="geglu", norm="rms_gemma", tie_embeddings=True, embed_scale=True,
+                         prefix_lm=True),
+         vision=_siglip(32, layers=2, width=32, mlp=48, heads=2, patch=8),
+         projector=ProjectorConfig(kind="linear", in_dim=32, out_dim=64, bias=True, norm="none"),
+         action=ActionConfig(action_dim=4, horizon=5, proprio_dim=3, expert=TextConfig(
+             vocab_size=0, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+             intermediate_size=64, mlp="geglu", norm="rms_gemma")),
+         image_token_id=6),
     dict(name="tiny-gemma", family="gemma",
          text=TextConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=1, head_dim=32,
                          intermediate_size=128, mlp="geglu", norm="rms_gemma", tie_embeddings=True,

@@ -149,6 +149,8 @@ class LMOutput:
     num_targets: int = 0
     predictions: Tensor | None = None
     """`[num_targets]` argmax token at each labelled position, in order."""
+    action_loss: Tensor | None = None
+    """Flow-matching loss of the action head (VLA rows with actions in the batch)."""
 
 
 class TokenEmbedding(nn.Embedding):
