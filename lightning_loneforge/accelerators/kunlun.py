@@ -18,7 +18,7 @@ WIKI = VK PR #462 `openwiki/torch-xmlir/*.md`):
 - LF's XPU scripts set `BKCL_FORCE_L3_RDMA=0`, noting that 1 can run out of memory (LF examples_xpu).
 
 Because the runtime path is PyTorch's CUDA path, this class is a `CUDAAccelerator`: Lightning's CUDA-only
-branches (the device of a single-device strategy, FSDP's accelerator check, the "GPU available but not used"
+branches (for an instance: the device of a single-device strategy, FSDP's accelerator check, the "GPU available but not used"
 warning) then treat a Kunlun chip as what PyTorch sees, a CUDA device.
 """
 
