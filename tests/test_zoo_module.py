@@ -168,3 +168,26 @@ def test_vla_row_trains_action_head_from_packed_row():
     for tower in ("action", "vision", "llm"):
         grads = [p.grad for p in module.towers()[tower].parameters() if p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads), tower
+
+
+def test_checkpoint_folder_loads_into_the_module(tmp_path):
+    from lightning_loneforge.model_zoo.hf_io import save_hf
+    from lightning_loneforge.model_zoo.model import MultimodalModel
+    from lightning_loneforge.model_zoo.rows import name_to_config
+
+    torch.manual_seed(0)
+    source = MultimodalModel(name_to_config["tiny-qwen2-vl"])
+    save_hf(source, tmp_path)
+    module = MultimodalModule("from-disk", tokenizer=None, checkpoint=str(tmp_path))
+    module.configure_model()
+    assert not module.checkpoint_pending
+    for (name, a), b in zip(source.state_dict().items(), module.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    full = module.pretrained_state_dict()
+    assert set(full) == {f"model.{k}" for k in source.state_dict()}
+    with torch.device("meta"):
+        lazy = MultimodalModule("from-disk", checkpoint=str(tmp_path))
+        lazy.configure_model()
+    assert lazy.checkpoint_pending
+    with pytest.raises(RuntimeError, match="was not loaded"):
+        lazy.on_fit_start()

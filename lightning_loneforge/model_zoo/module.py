@@ -15,7 +15,13 @@ from typing_extensions import override
 from lightning_loneforge.datamodules.batch import IGNORE_INDEX, PackedBatch
 from lightning_loneforge.model_zoo.config import ModelConfig
 from lightning_loneforge.model_zoo.flops import batch_flops, matmul_params
-from lightning_loneforge.model_zoo.hf_io import config_from_hf, load_hf_weights, read_hf_config
+from lightning_loneforge.model_zoo.hf_io import (
+    config_from_hf,
+    hf_to_ours,
+    load_hf_weights,
+    read_hf_config,
+    read_safetensors,
+)
 from lightning_loneforge.model_zoo.loss import shift_labels
 from lightning_loneforge.model_zoo.model import MultimodalModel
 from lightning_loneforge.model_zoo.tokenizers import load_tokenizer
@@ -87,8 +93,31 @@ class MultimodalModule(LightningModule):
         for name in self.freeze:
             self.model.towers()[name].requires_grad_(False)
         on_meta = any(p.is_meta for p in self.model.parameters())
+        self.checkpoint_pending = self.hparams.checkpoint is not None and on_meta
         if self.hparams.checkpoint is not None and not on_meta:
             load_hf_weights(self.model, self.hparams.checkpoint, self.config.family)
+
+    def pretrained_state_dict(self) -> dict[str, Tensor]:
+        """The `checkpoint=` folder's weights as a full (unsharded, CPU) state dict under this module's names.
+
+        For strategies that build the model on the meta device and shard it: load this with
+        `set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True))`, then set
+        `module.checkpoint_pending = False`.
+        """
+        if self.hparams.checkpoint is None:
+            raise ValueError("pretrained_state_dict: no checkpoint= was given")
+        with torch.device("meta"):
+            shapes = MultimodalModel(self.config)
+        state = hf_to_ours(read_safetensors(self.hparams.checkpoint), shapes, self.config.family)
+        return {f"model.{key}": value for key, value in state.items()}
+
+    @override
+    def on_fit_start(self) -> None:
+        if getattr(self, "checkpoint_pending", False):
+            raise RuntimeError(
+                f"checkpoint={self.hparams.checkpoint!r} was not loaded: the model was built on the meta device "
+                "(sharding strategy) and the strategy did not load module.pretrained_state_dict()"
+            )
 
     def towers(self) -> dict[str, nn.Module]:
         """The model's towers (`vision`, `projector`, `llm`, `action`), building the model if needed."""
