@@ -42,6 +42,9 @@ def fa4_varlen(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_seqlen: int, cau
     return out[0] if isinstance(out, tuple) else out
 
 
+_ZOO_DEFAULTS: dict = {}
+
+
 def install_fa4() -> str:
     """Route the zoo's attention to FA4; returns the backend name now in use ("fa4", or why not)."""
     why_not = fa4_available()
@@ -49,23 +52,41 @@ def install_fa4() -> str:
         return f"varlen (FA4 unavailable: {why_not})"
     from lightning_loneforge.model_zoo import attention as zoo_attention
 
+    _ZOO_DEFAULTS.setdefault("impl", zoo_attention._IMPLS["flash_attn"])
+    _ZOO_DEFAULTS.setdefault("probe", zoo_attention._flash_attn_func)
     zoo_attention._IMPLS["flash_attn"] = fa4_varlen
     zoo_attention._flash_attn_func = lambda: fa4_varlen
     return "fa4"
 
 
+def uninstall_fa4() -> None:
+    """Give the zoo its own backend choice back."""
+    from lightning_loneforge.model_zoo import attention as zoo_attention
+
+    if _ZOO_DEFAULTS:
+        zoo_attention._IMPLS["flash_attn"] = _ZOO_DEFAULTS["impl"]
+        zoo_attention._flash_attn_func = _ZOO_DEFAULTS["probe"]
+
+
 def check_fa4_matches_varlen(device: torch.device) -> float:
-    """Max |FA4 - varlen_attn| on a random packed row (ViT-like head dim 80 and LLM-like GQA 128)."""
+    """Max |FA4 - varlen_attn| / max |varlen_attn| over outputs and q/k/v gradients on a random packed row (ViT-like head dim 80,
+    LLM-like GQA 12/2 with head dim 128, causal)."""
     from lightning_loneforge.model_zoo import attention as zoo_attention
 
     gen = torch.Generator(device=device).manual_seed(0)
     cu = torch.tensor([0, 700, 1900, 4096], dtype=torch.int32, device=device)
     worst = 0.0
     for heads, kv_heads, dim, causal in ((16, 16, 80, False), (12, 2, 128, True)):
-        q = torch.randn(4096, heads, dim, device=device, dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(4096, kv_heads, dim, device=device, dtype=torch.bfloat16, generator=gen)
-        v = torch.randn(4096, kv_heads, dim, device=device, dtype=torch.bfloat16, generator=gen)
-        ref = zoo_attention.attention(q, k, v, cu, 2196, causal=causal, backend="varlen")
-        out = fa4_varlen(q, k, v, cu, 2196, causal, None)
-        worst = max(worst, float((out.float() - ref.float()).abs().max()))
+        shapes = ((4096, heads, dim), (4096, kv_heads, dim), (4096, kv_heads, dim))
+        inputs = [torch.randn(s, device=device, dtype=torch.bfloat16, generator=gen) for s in shapes]
+        grad = torch.randn(4096, heads, dim, device=device, dtype=torch.bfloat16, generator=gen)
+        results = []
+        for fn in (lambda q, k, v, c=causal: zoo_attention.attention(q, k, v, cu, 2196, causal=c, backend="varlen"),
+                   lambda q, k, v, c=causal: fa4_varlen(q, k, v, cu, 2196, c, None)):
+            leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+            out = fn(*leaves)
+            out.backward(grad)
+            results.append([out, *(x.grad for x in leaves)])
+        for ref, got in zip(*results, strict=True):
+            worst = max(worst, float((got.float() - ref.float()).abs().max() / ref.float().abs().max()))
     return worst

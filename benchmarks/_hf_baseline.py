@@ -30,9 +30,9 @@ def build_hf_model(text: dict, vision: dict, device: torch.device):
                                "mrope_section": scaling["mrope_section"]}
     config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
                            image_token_id=IMAGE_TOKEN_ID)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU smoke runs: fp32 is faster there
     with torch.device(device):
-        model = Qwen2VLForConditionalGeneration._from_config(
-            config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.train()
 
 
@@ -54,7 +54,8 @@ def padded_batch(shapes, gen: torch.Generator, device: torch.device) -> tuple[di
         "mm_token_type_ids": (ids == IMAGE_TOKEN_ID).to(torch.int32).to(device, non_blocking=True),
     }
     if grids:
-        inputs["pixel_values"] = torch.randn(patches, PATCH_DIM, device=device, dtype=torch.bfloat16)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        inputs["pixel_values"] = torch.randn(patches, PATCH_DIM, device=device, dtype=dtype)
         inputs["image_grid_thw"] = torch.tensor(grids, dtype=torch.long, device=device)
     real = int(mask.sum())
     return inputs, real, ids.numel(), patches, int((labels != -100).sum())

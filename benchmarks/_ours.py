@@ -102,12 +102,10 @@ def row_stats(samples, max_tokens: int, lookahead: int) -> list[tuple[int, int, 
 
 # ----------------------------------------------------------------------------- model + strategy
 def build_module(row: str, tiny: bool):
-    """The zoo's LightningModule for `row` (tiny variant for CPU smoke runs)."""
+    """The zoo's LightningModule for `row` (tiny variant for CPU smoke runs); constant LR, no warm-up."""
     from lightning_loneforge.model_zoo.module import MultimodalModule
 
-    if tiny:
-        return MultimodalModule(model=row, overrides=TINY_OVERRIDES)
-    return MultimodalModule(model=row)
+    return MultimodalModule(model=row, overrides=TINY_OVERRIDES if tiny else None, lr=1e-5, warmup_steps=0)
 
 
 TINY_OVERRIDES = {
@@ -199,11 +197,13 @@ def run_ours(shapes, *, cfg: OursConfig, warmup: int, steps: int, device: torch.
     from lightning_loneforge.strategies import TowerParallelStrategy
 
     reset_memory()
+    from _fa4 import install_fa4, uninstall_fa4
+
     backend = "zoo default"
     if cfg.attention == "fa4":
-        from _fa4 import install_fa4
-
         backend = install_fa4()
+    else:
+        uninstall_fa4()
     max_patches = max(patches_of(s) for s in shapes)
     pool = torch.randn(max(max_patches, 1), PATCH_DIM, dtype=torch.bfloat16)
     samples = encode_synthetic(shapes, seed=seed, pool=pool)
@@ -219,7 +219,8 @@ def run_ours(shapes, *, cfg: OursConfig, warmup: int, steps: int, device: torch.
     trainer = pl.Trainer(
         accelerator="cuda" if device.type == "cuda" else "cpu", devices=1,
         strategy=TowerParallelStrategy(plans=tower_plans(cfg)),
-        precision="bf16-true", max_steps=warmup + steps + (profile_steps if profile_path else 0), logger=False, enable_checkpointing=False,
+        precision="bf16-true" if device.type == "cuda" else "32-true",  # CPU smoke runs: fp32 is faster
+        max_steps=warmup + steps + (profile_steps if profile_path else 0), logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer.callback],
         num_sanity_val_steps=0, limit_val_batches=0,
     )
