@@ -153,13 +153,10 @@ def _flex(q, k, v, cu, max_seqlen, causal, window) -> Tensor:
 
     block_mask = document_block_mask(cu, q.shape[0], causal=causal, window=window)
     fn = _compiled_flex() if q.is_cuda else flex_attention
-    out = fn(
-        q.transpose(0, 1).unsqueeze(0),
-        k.transpose(0, 1).unsqueeze(0),
-        v.transpose(0, 1).unsqueeze(0),
-        block_mask=block_mask,
-        enable_gqa=k.shape[1] != q.shape[1],
-    )
+    gqa = k.shape[1] != q.shape[1]
+    q, k, v = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
+    with torch.autocast(q.device.type, enabled=False):  # inductor's flex lowering fails inside autocast
+        out = fn(q, k, v.to(q.dtype), block_mask=block_mask, enable_gqa=gqa)
     return out.squeeze(0).transpose(0, 1)
 
 
@@ -167,7 +164,7 @@ def _flex(q, k, v, cu, max_seqlen, causal, window) -> Tensor:
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=True)
+    return torch.compile(flex_attention)
 
 
 def document_block_mask(
