@@ -191,3 +191,40 @@ def test_checkpoint_folder_loads_into_the_module(tmp_path):
     assert lazy.checkpoint_pending
     with pytest.raises(RuntimeError, match="was not loaded"):
         lazy.on_fit_start()
+
+
+@pytest.mark.parametrize("name", ["internvl3-1b", "idefics3-8b", "llava-1.5-7b"])
+def test_sample_encoder_matches_the_towers(name):
+    from lightning_loneforge.datamodules.tokenizer import DemoTokenizer
+    from lightning_loneforge.model_zoo.rows import name_to_config
+
+    config = name_to_config[name]
+    vocab = DemoTokenizer().vocab_size
+    module = MultimodalModule(name, tokenizer=DemoTokenizer(), overrides={"text": {"vocab_size": max(vocab, 512)}})
+    encoder = module.sample_encoder()
+    assert encoder.patch_size == config.vision.patch_size
+    assert encoder.merge_size == config.projector.merge_size
+    assert encoder.temporal_patch_size == 1 and not encoder.mrope
+
+
+def test_vit_family_trains_on_encoded_samples():
+    """InternVL-style row (CLS token, pixel shuffle) on the real encoder's patches: packed == alone, loss drops."""
+    torch.manual_seed(0)
+    from lightning_loneforge.datamodules.tokenizer import DemoTokenizer
+
+    module = MultimodalModule("tiny-internvl", tokenizer=DemoTokenizer(), lr=3e-3, max_pixels=64 * 64)
+    module.configure_model()
+    samples = _samples(module, 3)
+    packed = _pack(samples)
+    with torch.no_grad():
+        out, _ = module(packed)
+        alone = [module(_pack([s]))[0] for s in samples]
+    torch.testing.assert_close(out.hidden, torch.cat([a.hidden for a in alone]), atol=1e-5, rtol=1e-5)
+    optimizer = module.configure_optimizers()["optimizer"]
+    first = float(out.loss)
+    for _ in range(5):
+        loss = module(packed)[0].loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert float(loss) < first

@@ -140,6 +140,8 @@ class MultimodalModule(LightningModule):
                 patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
                 merge_size=vision.spatial_merge_size,
             )  # fmt: skip
+            if vision.kind in _IMAGE_NORMALIZATION:
+                patching["image_mean"], patching["image_std"] = _IMAGE_NORMALIZATION[vision.kind]
         return SampleEncoder(
             self.tokenizer, **patching, min_pixels=self.hparams.min_pixels, max_pixels=self.hparams.max_pixels,
             mrope=self.config.text.mrope_section is not None, system_prompt=self.hparams.system_prompt,
@@ -203,6 +205,14 @@ class MultimodalModule(LightningModule):
         `total` = 6 x matmul params x tokens per tower (patches through the ViT) + attention FLOPs."""
         self.configure_model()
         return batch_flops(self.model, batch)
+
+
+_IMAGE_NORMALIZATION = {
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "idefics3": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "intern_vit": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+"""Per-channel mean/std of vision towers not trained with the CLIP statistics (the encoder's default)."""
 
 
 def answer_exact_match(predictions: Tensor, targets: Tensor, cu_seqlens: Tensor) -> Tensor:
