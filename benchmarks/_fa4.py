@@ -8,6 +8,8 @@ kernels are launched through their own JIT. Requested as a proper zoo backend in
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import Tensor
 
@@ -50,7 +52,7 @@ def install_fa4() -> str:
     why_not = fa4_available()
     if why_not is not None:
         return f"varlen (FA4 unavailable: {why_not})"
-    from lightning_loneforge.model_zoo import attention as zoo_attention
+    zoo_attention = importlib.import_module("lightning_loneforge.model_zoo.attention")
 
     _ZOO_DEFAULTS.setdefault("impl", zoo_attention._IMPLS["flash_attn"])
     _ZOO_DEFAULTS.setdefault("probe", zoo_attention._flash_attn_func)
@@ -61,7 +63,7 @@ def install_fa4() -> str:
 
 def uninstall_fa4() -> None:
     """Give the zoo its own backend choice back."""
-    from lightning_loneforge.model_zoo import attention as zoo_attention
+    zoo_attention = importlib.import_module("lightning_loneforge.model_zoo.attention")
 
     if _ZOO_DEFAULTS:
         zoo_attention._IMPLS["flash_attn"] = _ZOO_DEFAULTS["impl"]
@@ -71,7 +73,7 @@ def uninstall_fa4() -> None:
 def check_fa4_matches_varlen(device: torch.device) -> float:
     """Max |FA4 - varlen_attn| / max |varlen_attn| over outputs and q/k/v gradients on a random packed row (ViT-like head dim 80,
     LLM-like GQA 12/2 with head dim 128, causal)."""
-    from lightning_loneforge.model_zoo import attention as zoo_attention
+    zoo_attention = importlib.import_module("lightning_loneforge.model_zoo.attention")
 
     gen = torch.Generator(device=device).manual_seed(0)
     cu = torch.tensor([0, 700, 1900, 4096], dtype=torch.int32, device=device)
