@@ -63,6 +63,21 @@ def padded_batch(shapes, gen: torch.Generator, device: torch.device) -> tuple[di
 
 def run_baseline(shapes, *, text: dict, vision: dict, batch_size: int, warmup: int, steps: int,
                  device: torch.device, seed: int = 0) -> ArmResult:
+    """The largest batch from `batch_size` down that fits: a batch that runs out of memory is retried one
+    smaller (the OOM is printed, and the result's note names the batch that ran)."""
+    for size in range(batch_size, 0, -1):
+        try:
+            return _run_baseline(shapes, text=text, vision=vision, batch_size=size, warmup=warmup, steps=steps,
+                                 device=device, seed=seed)
+        except torch.OutOfMemoryError as err:
+            message = str(err)[:160]
+        print(f"# baseline batch {size} ran out of memory: {message}", flush=True)
+        reset_memory()  # after the except block, so the traceback no longer holds the activations
+    raise RuntimeError("baseline: even batch 1 runs out of memory")
+
+
+def _run_baseline(shapes, *, text: dict, vision: dict, batch_size: int, warmup: int, steps: int,
+                  device: torch.device, seed: int = 0) -> ArmResult:
     """Train `warmup + steps` padded batches of `batch_size` samples; time the last `steps`."""
     reset_memory()
     model = build_hf_model(text, vision, device)
