@@ -89,8 +89,20 @@ def test_rejects_bad_heads_and_lengths():
         attention(q[:-1], k[:-1], v[:-1], cu, 200, causal=True)
 
 
-def test_cpu_picks_reference():
-    assert select_backend(torch.zeros(1, 1, 1)) == "sdpa"
+def test_cpu_picks_dense_for_short_rows_and_the_loop_for_long_ones():
+    from lightning_loneforge.model_zoo.attention import DENSE_MAX_TOKENS
+
+    assert select_backend(torch.zeros(1, 1, 1)) == "dense"
+    assert select_backend(torch.zeros(DENSE_MAX_TOKENS + 1, 1, 1)) == "sdpa"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [None, (8, 3)])
+def test_dense_matches_reference(causal, window):
+    q, k, v, cu = _packed()
+    ref = attention(q, k, v, cu, max(LENGTHS), causal=causal, window=window, backend="sdpa")
+    out = attention(q, k, v, cu, max(LENGTHS), causal=causal, window=window, backend="dense")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu

@@ -6,9 +6,11 @@
 1. `flash_attn` varlen, when the package imports (CUDA, fp16/bf16);
 2. PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16);
 3. `flex_attention` with a block-sparse document mask built straight from `cu_seqlens` (no dense `T x T` mask);
-4. a per-sample `scaled_dot_product_attention` loop, the CPU reference.
+4. on the CPU, one `scaled_dot_product_attention` over the row with a block-diagonal mask (`dense`) while the
+   `T x T` mask stays small (`DENSE_MAX_TOKENS`), else
+5. a per-sample `scaled_dot_product_attention` loop (`sdpa`), the reference the others are tested against.
 
-`LONEFORGE_ATTENTION=flash_attn|varlen|flex|sdpa` (or `backend=`) forces one.
+`LONEFORGE_ATTENTION=flash_attn|varlen|flex|dense|sdpa` (or `backend=`) forces one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Window = tuple[int, int]
-BACKENDS = ("flash_attn", "varlen", "flex", "sdpa")
+BACKENDS = ("flash_attn", "varlen", "flex", "dense", "sdpa")
+DENSE_MAX_TOKENS = 4096
+"""Longest row the CPU `dense` backend takes (its boolean mask is `T x T`)."""
 _FLEX_BLOCK = 128
 
 
@@ -71,7 +75,7 @@ def select_backend(q: Tensor) -> str:
         return "varlen"
     if q.is_cuda:
         return "flex"
-    return "sdpa"
+    return "dense" if q.shape[0] <= DENSE_MAX_TOKENS else "sdpa"
 
 
 @functools.cache
@@ -136,6 +140,17 @@ def _sdpa_loop(q, k, v, cu, max_seqlen, causal, window) -> Tensor:
     return torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
 
 
+def _sdpa_dense(q, k, v, cu, max_seqlen, causal, window) -> Tensor:
+    n = q.shape[0]
+    segment = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=q.device), cu.diff().long(), output_size=n)
+    mask = segment[:, None] == segment[None, :]
+    if causal or window is not None:
+        mask &= _window_mask(n, causal, window or (-1, -1), q.device)
+    groups = q.shape[1] // k.shape[1]
+    qs, ks, vs = q.transpose(0, 1), _repeat_kv(k, groups).transpose(0, 1), _repeat_kv(v, groups).transpose(0, 1)
+    return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(0, 1)
+
+
 def _window_mask(n: int, causal: bool, window: Window, device) -> Tensor:
     pos = torch.arange(n, device=device)
     rel = pos[None, :] - pos[:, None]  # key - query
@@ -151,20 +166,27 @@ def _window_mask(n: int, causal: bool, window: Window, device) -> Tensor:
 def _flex(q, k, v, cu, max_seqlen, causal, window) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
+    total = q.shape[0]
+    fn = flex_attention
+    if q.is_cuda:  # compiled kernel: pad the row to whole blocks (one extra segment) so lengths stay block-aligned
+        fn = _compiled_flex()
+        pad = -total % _FLEX_BLOCK
+        if pad:
+            q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+            cu = torch.cat([cu, cu.new_full((1,), total + pad)])
     block_mask = document_block_mask(cu, q.shape[0], causal=causal, window=window)
-    fn = _compiled_flex() if q.is_cuda else flex_attention
     gqa = k.shape[1] != q.shape[1]
     q, k, v = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
     with torch.autocast(q.device.type, enabled=False):  # inductor's flex lowering fails inside autocast
         out = fn(q, k, v.to(q.dtype), block_mask=block_mask, enable_gqa=gqa)
-    return out.squeeze(0).transpose(0, 1)
+    return out.squeeze(0).transpose(0, 1)[:total]
 
 
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=True)
 
 
 def document_block_mask(
@@ -222,4 +244,10 @@ def document_block_mask(
     )
 
 
-_IMPLS = {"flash_attn": _flash_attn, "varlen": _torch_varlen, "flex": _flex, "sdpa": _sdpa_loop}
+_IMPLS = {
+    "flash_attn": _flash_attn,
+    "varlen": _torch_varlen,
+    "flex": _flex,
+    "dense": _sdpa_dense,
+    "sdpa": _sdpa_loop,
+}
