@@ -34,6 +34,10 @@ def _hf(family: str):
         cfg = t.Idefics3Config(vision_config=VISION, text_config=dict(model_type="llama", **TEXT), image_token_id=IMAGE,
                                scale_factor=2)  # fmt: skip
         return t.Idefics3ForConditionalGeneration(cfg), 2
+    if family == "smolvlm":
+        cfg = t.SmolVLMConfig(vision_config=VISION, text_config=dict(model_type="llama", **TEXT), image_token_id=IMAGE,
+                              scale_factor=2)  # fmt: skip
+        return t.SmolVLMForConditionalGeneration(cfg), 2
     if family == "paligemma":
         cfg = t.PaliGemmaConfig(vision_config=dict(model_type="siglip_vision_model", **VISION),
                                 text_config=dict(model_type="gemma", **TEXT, head_dim=16), image_token_index=IMAGE,
@@ -50,7 +54,7 @@ def patchify(image: torch.Tensor, merge: int) -> tuple[torch.Tensor, torch.Tenso
     return x, torch.tensor([[1, gh, gw]])
 
 
-@pytest.mark.parametrize("family", ["llava", "internvl", "idefics3", "paligemma"])
+@pytest.mark.parametrize("family", ["llava", "internvl", "idefics3", "smolvlm", "paligemma"])
 def test_vlm_logits_match_transformers(family, tmp_path):
     torch.manual_seed(0)
     hf, merge = _hf(family)
@@ -61,8 +65,8 @@ def test_vlm_logits_match_transformers(family, tmp_path):
     image = torch.randn(3, SIZE, SIZE, generator=g)
     n_image = (SIZE // PATCH) ** 2 // merge**2
     ids = torch.cat([torch.tensor([1, 10, 11]), torch.full((n_image,), IMAGE), torch.randint(20, 250, (9,), generator=g)])
-    pixels = image[None, None] if family == "idefics3" else image[None]
-    kwargs = {"pixel_attention_mask": torch.ones(1, 1, SIZE, SIZE, dtype=torch.bool)} if family == "idefics3" else {}
+    pixels = image[None, None] if family in ("idefics3", "smolvlm") else image[None]
+    kwargs = {"pixel_attention_mask": torch.ones(1, 1, SIZE, SIZE, dtype=torch.bool)} if family in ("idefics3", "smolvlm") else {}
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[-5:] = ids[-5:]  # the answer; PaliGemma's prefix (image + prompt) is everything before it
     if family == "paligemma":
