@@ -102,6 +102,7 @@ def main(options: dict[str, Any]) -> None:
     )
     model = MultimodalModule("tiny-demo", max_steps=options["max_steps"], warmup_steps=3, lr=3e-3)
     callbacks: list[Callback] = [
+        StepRecorder(record / f"rank{rank}.jsonl"),  # first: it records a step before a preemption stops there
         ReliableCheckpoint(
             dirpath=options["ckpt_dir"],
             every_n_train_steps=options.get("every_n", 2),
@@ -111,7 +112,6 @@ def main(options: dict[str, Any]) -> None:
         PreemptionCheckpoint(),
         RankHeartbeat(interval_s=0.5),
         BadStepGuard(policy="raise", check_every_n_steps=2),
-        StepRecorder(record / f"rank{rank}.jsonl"),
     ]
     if fault.get("kind") == "exit_at_step":
         callbacks.append(ExitAtStep(fault["rank"], fault["step"]))
