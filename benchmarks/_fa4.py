@@ -11,7 +11,12 @@ from __future__ import annotations
 import importlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+NATIVE_HEAD_DIMS = (64, 128)
+"""Head dims FA4 runs as they are; others are zero-padded to `PADDED_HEAD_DIM` (the ViT's 80)."""
+PADDED_HEAD_DIM = 128
 
 
 def fa4_available() -> str | None:
@@ -37,11 +42,15 @@ def fa4_varlen(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_seqlen: int, cau
     right = None if right is None or right < 0 else right
     if causal:
         right = None
+    dim = q.shape[-1]
+    if dim not in NATIVE_HEAD_DIMS:  # measured: FA4 4.0.0b36 on SM90 gives a wrong dq at head dim 80
+        q, k, v = (F.pad(x, (0, PADDED_HEAD_DIM - dim)) for x in (q, k, v))  # zero columns: same scores
     out = flash_attn_varlen_func(
         q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
-        causal=causal, window_size=(left, right),
+        causal=causal, window_size=(left, right), softmax_scale=dim**-0.5,
     )
-    return out[0] if isinstance(out, tuple) else out
+    out = out[0] if isinstance(out, tuple) else out
+    return out if out.shape[-1] == dim else out[..., :dim]
 
 
 _ZOO_DEFAULTS: dict = {}
