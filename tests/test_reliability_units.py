@@ -24,6 +24,7 @@ from lightning_loneforge.reliability import (
     complete_checkpoints,
     newest_complete_checkpoint,
     resolve_resume,
+    translate_resume_args,
 )
 from lightning_loneforge.reliability.checkpointing import commit, remove_leftovers
 
@@ -97,6 +98,13 @@ def test_commit_lookup_and_leftovers(tmp_path: Path) -> None:
     assert remove_leftovers(tmp_path) == [unfinished] and not unfinished.exists()
     again = fake_checkpoint(tmp_path, "step=00000004.ckpt", complete=True)  # same name replaces the old one
     assert again == second and complete_checkpoints(tmp_path)[-1] == second
+
+
+def test_resume_flag_becomes_ckpt_path() -> None:
+    assert translate_resume_args(["fit", "--resume", "auto", "-c", "x.yaml"]) == ["fit", "--ckpt_path", "last", "-c", "x.yaml"]
+    assert translate_resume_args(["fit", "--resume=a/b.ckpt"]) == ["fit", "--ckpt_path", "a/b.ckpt"]
+    with pytest.raises(ValueError, match="--resume needs a value"):
+        translate_resume_args(["fit", "--resume"])
 
 
 def test_keep_last_k_and_ckpt_path_last_resume(tmp_path: Path) -> None:

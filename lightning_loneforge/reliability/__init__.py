@@ -21,6 +21,7 @@ from lightning_loneforge.reliability.checkpointing import (
 from lightning_loneforge.reliability.dead_rank import RankHeartbeat
 from lightning_loneforge.reliability.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionCheckpoint
 from lightning_loneforge.reliability.preflight import CheckpointDirError, check_writable
+from lightning_loneforge.reliability.resume import translate_resume_args
 
 __all__ = [
     "BadStepGuard",
@@ -38,6 +39,7 @@ __all__ = [
     "newest_complete_checkpoint",
     "reliability_callbacks",
     "resolve_resume",
+    "translate_resume_args",
 ]
 
 

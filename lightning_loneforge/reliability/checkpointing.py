@@ -198,7 +198,7 @@ class ReliableCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             for path in remove_leftovers(self.dirpath):
                 log.warning(f"Removed an unfinished checkpoint of an earlier run: {path}")
-        if self.async_save and trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        if self.async_save and dist.is_available() and dist.is_initialized() and self._async_group is None:
             timeout = getattr(trainer.strategy, "_timeout", timedelta(minutes=30))
             self._async_group = dist.new_group(backend="gloo", timeout=timeout)
         trainer.strategy.barrier("ReliableCheckpoint.setup")
