@@ -161,6 +161,11 @@ def commit() -> str:
 
 def device_facts() -> dict:
     facts = {"torch": torch.__version__, "commit": commit(), "device": "cpu", "driver": "n/a"}
+    for package in ("transformers", "lightning"):
+        try:
+            facts[package] = importlib.import_module(package).__version__
+        except ImportError:
+            facts[package] = "absent"
     if torch.cuda.is_available():
         facts["device"] = torch.cuda.get_device_name()
         try:
