@@ -195,8 +195,10 @@ class SampleEncoder:
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.template = template or ChatTemplate()
-        self.image_mean = np.asarray(image_mean, dtype=np.float32).reshape(3, 1, 1)
-        self.image_std = np.asarray(image_std, dtype=np.float32).reshape(3, 1, 1)
+        mean = np.asarray(image_mean, dtype=np.float32)
+        std = np.asarray(image_std, dtype=np.float32)
+        self._scale = (1 / (255 * std)).astype(np.float32)
+        self._offset = (mean / std).astype(np.float32)
         self.max_frames = max_frames
         self.mrope = mrope
         self.system_prompt = system_prompt
@@ -229,19 +231,22 @@ class SampleEncoder:
         """
         width, height = frames[0].size
         rh, rw = self.resized_size(height, width)
-        arrays = []
-        for frame in frames:
-            resized = frame.convert("RGB").resize((rw, rh), resample=Image.BICUBIC)
-            chw = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) * np.float32(1 / 255)
-            arrays.append((chw - self.image_mean) / self.image_std)
         tp, p, m = self.temporal_patch_size, self.patch_size, self.merge_size
-        while len(arrays) % tp:
-            arrays.append(arrays[-1])
-        x = np.stack(arrays)
-        gt, gh, gw = len(arrays) // tp, rh // p, rw // p
-        x = x.reshape(gt, tp, 3, gh // m, m, p, gw // m, m, p)
-        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-        flat = np.ascontiguousarray(x.reshape(gt * gh * gw, 3 * tp * p * p))
+        pixels = np.stack(
+            [np.asarray(f.convert("RGB").resize((rw, rh), resample=Image.BICUBIC)) for f in frames]
+        )
+        normalized = pixels.astype(np.float32)
+        normalized *= self._scale
+        normalized -= self._offset
+        order = list(range(len(frames)))
+        order += [order[-1]] * (-len(order) % tp)
+        if len(frames) == 1:
+            x = np.broadcast_to(normalized, (tp, rh, rw, 3))
+        else:
+            x = normalized[order]
+        gt, gh, gw = len(order) // tp, rh // p, rw // p
+        x = x.reshape(gt, tp, gh // m, m, p, gw // m, m, p, 3).transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+        flat = np.ascontiguousarray(x).reshape(gt * gh * gw, 3 * tp * p * p)
         return torch.from_numpy(flat), torch.tensor([gt, gh, gw], dtype=torch.int64)
 
     def _video_frames(self, array: np.ndarray, key: str) -> list[Image.Image]:

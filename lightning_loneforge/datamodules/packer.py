@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
+from torch.utils.data import get_worker_info
 
 from lightning_loneforge.datamodules.balancer import CostModel
 from lightning_loneforge.datamodules.batch import IGNORE_INDEX, PackedBatch
@@ -249,7 +250,7 @@ def collate_packed(
         position_ids=torch.cat(positions, dim=-1),
         cu_seqlens=cu,
         max_seqlen=max(lengths),
-        pixel_values=torch.cat([s.pixel_values for s in vision]) if vision else None,
+        pixel_values=_cat_shared([s.pixel_values for s in vision]) if vision else None,
         image_grid_thw=torch.cat([s.image_grid_thw for s in vision]) if vision else None,
         actions=torch.stack([s.actions for _, s in acting]) if acting else None,
         proprio=torch.stack([s.proprio for _, s in acting])
@@ -259,6 +260,16 @@ def collate_packed(
         num_real_tokens=real,
         sample_keys=[s.key for s in samples],
     )
+
+
+def _cat_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat`, written straight into shared memory inside a DataLoader worker (saves the copy that
+    sending a large tensor to the main process would otherwise make)."""
+    if get_worker_info() is None:
+        return torch.cat(tensors)
+    rows = sum(t.shape[0] for t in tensors)
+    out = torch.empty((rows, *tensors[0].shape[1:]), dtype=tensors[0].dtype).share_memory_()
+    return torch.cat(tensors, out=out)
 
 
 __all__ = ["TokenBudgetPacker", "collate_packed"]
