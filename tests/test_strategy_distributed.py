@@ -1,7 +1,8 @@
-"""TowerParallelStrategy on 2 gloo processes against a plain single-process run; sharded save at 2 -> load at 1.
+"""TowerParallelStrategy on 2 gloo processes against a plain single-process run; sharded save at 2 -> load at 1;
+Hugging Face export of a sharded zoo model.
 
-One spawned run trains every plan combination (spawning is the expensive part); the pytest process then checks
-what each rank wrote, and resumes the 2-rank checkpoint on 1 process.
+One spawned run trains every plan combination and exports the zoo's tiny-demo model (spawning is the expensive
+part); the pytest process then checks what each rank wrote, and resumes the 2-rank checkpoint on 1 process.
 """
 
 from __future__ import annotations
@@ -125,6 +126,36 @@ def _run_combo(name: str, plans: dict, checkpoint_dir: Path) -> dict:
     }
 
 
+def zoo_module():  # noqa: ANN201
+    """The zoo's tiny-demo `MultimodalModule`, built from a fixed seed."""
+    from lightning_loneforge.datamodules.tokenizer import DemoTokenizer
+    from lightning_loneforge.model_zoo import MultimodalModule
+
+    torch.manual_seed(0)
+    module = MultimodalModule("tiny-demo", tokenizer=DemoTokenizer())
+    module.configure_model()
+    return module
+
+
+def _export_sharded_zoo_model(folder: Path) -> dict:
+    """Shards tiny-demo (vision replicated, projector frozen, llm sharded) and exports it in HF format."""
+    from lightning_loneforge.strategies import TowerPlan, apply_plans, export_hf, model_towers
+    from lightning_loneforge.strategies.apply import MeshCache, mesh_shape
+
+    module = zoo_module()
+    meshes = MeshCache("cpu")
+    plans = {"vision": TowerPlan(shard="replicate"), "projector": TowerPlan(shard="none"), "llm": TowerPlan()}
+
+    def mesh_for(name: str, plan: TowerPlan):  # noqa: ANN202
+        shape = mesh_shape(plan, WORLD, WORLD)
+        return meshes.get(shape) if shape else None
+
+    apply_plans(model_towers(module), plans, mesh_for)
+    placements = sorted({str(getattr(p, "placements", "plain")) for p in module.model.llm.parameters()})
+    written = export_hf(module, folder)
+    return {"llm_placements": placements, "written": str(written) if written else None}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0"
@@ -136,6 +167,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for name, plans in COMBOS.items():
             os.environ["WORLD_SIZE"] = str(WORLD)  # Lightning's environment teardown removes it
             results[name] = _run_combo(name, plans, Path(out_dir) / "ckpt")
+        results["export"] = _export_sharded_zoo_model(Path(out_dir) / "hf")
         results["done"] = True
     except BaseException:
         results["error"] = traceback.format_exc()
@@ -216,14 +248,47 @@ def test_frozen_tower_has_no_grad_no_comm_and_stays_in_eval(two_rank_results) ->
         assert result["full+full,ac"]["vision_forward_calls"] > 0  # the probe sees a sharded tower's all-gathers
 
 
+def _reduced_bytes_per_step(plans: dict) -> float:
+    """Bus bytes of one step's gradient reductions: all-reduce 2x (replicate, hybrid with groups of 1),
+    reduce-scatter 1x (full, hybrid over 2 ranks), nothing for frozen towers; the head gets the default (full)."""
+    model = TwoTowerModel()
+    model.configure_model()
+    total = 0.0
+    for name, module in {"vision": model.vision, "llm": model.llm, "head": model.head}.items():
+        plan = plans.get(name, {"shard": "full"})
+        replicated = plan["shard"] == "replicate" or (plan["shard"] == "hybrid" and plan.get("shard_group_size") == 1)
+        factor = 0 if plan["shard"] == "none" else 2 if replicated else 1
+        total += factor * sum(p.numel() * p.element_size() for p in module.parameters())
+    return total
+
+
 @pytest.mark.timeout(240)
 def test_gradients_reduced_only_on_last_micro_batch(two_rank_results) -> None:
     results, _ = two_rank_results
-    for name in COMBOS:
-        backward = results[0][name]["backward"]
-        assert [accumulating for accumulating, _ in backward[:2]] == [True, False]
-        assert all(nbytes == 0 for accumulating, nbytes in backward if accumulating), (name, backward)
-        assert all(nbytes > 0 for accumulating, nbytes in backward if not accumulating), (name, backward)
+    for name, plans in COMBOS.items():
+        expected = _reduced_bytes_per_step(plans)
+        for result in results:
+            backward = result[name]["backward"]
+            assert [accumulating for accumulating, _ in backward[:2]] == [True, False]
+            assert all(nbytes == 0 for accumulating, nbytes in backward if accumulating), (name, backward)
+            assert all(nbytes == expected for accumulating, nbytes in backward if not accumulating), (name, expected, backward)
+
+
+@pytest.mark.timeout(240)
+def test_sharded_zoo_model_exports_the_same_hf_folder(two_rank_results, tmp_path: Path) -> None:
+    import json
+
+    from lightning_loneforge.model_zoo.hf_io import read_safetensors, save_hf
+
+    results, checkpoint = two_rank_results
+    assert results[0]["export"]["llm_placements"] == ["(Shard(dim=0),)"]  # really sharded before the export
+    assert results[1]["export"]["written"] is None  # rank 0 writes
+    exported = Path(results[0]["export"]["written"])
+    reference = save_hf(zoo_module().model, tmp_path / "reference")
+    assert json.loads((exported / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
+    ours, theirs = read_safetensors(exported), read_safetensors(reference)
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
 
 
 @pytest.mark.timeout(240)

@@ -14,7 +14,7 @@ from lightning_loneforge.strategies.clip import (
     clip_grad_value_by_mesh_,
     global_grad_norm,
 )
-from lightning_loneforge.strategies.export import consolidated_state_dict
+from lightning_loneforge.strategies.export import consolidated_state_dict, export_hf
 from lightning_loneforge.strategies.plan import TowerPlan
 from lightning_loneforge.strategies.planner import auto_plans, format_plan_table, tower_sizes
 from lightning_loneforge.strategies.strategy import DEFAULT_TIMEOUT_S, TowerParallelStrategy
@@ -33,6 +33,7 @@ __all__ = [
     "clip_grad_norm_by_mesh_",
     "clip_grad_value_by_mesh_",
     "consolidated_state_dict",
+    "export_hf",
     "format_plan_table",
     "global_grad_norm",
     "model_towers",
