@@ -179,3 +179,29 @@ def test_brace_pattern_and_images_reach_the_batch(shards):
     assert (
         0 < metrics["data/real_token_fraction"] <= 1 and metrics["data/samples_per_pack"] == batch.num_samples
     )
+
+
+def test_steps_per_epoch_gives_equal_epochs_wrapping_passes_and_resumes(shards):
+    dm = _datamodule(shards, steps_per_epoch=5)
+    loader = dm.train_dataloader()
+    assert len(loader) == 5
+    epochs = [[b.sample_keys for b in loader] for _ in range(5)]
+    assert all(len(e) == 5 for e in epochs)
+    batches = [keys for epoch in epochs for keys in epoch]
+    seen, first_pass = set(), 0
+    for keys in batches:
+        if seen == all_keys():
+            break
+        assert not seen & set(keys)
+        seen |= set(keys)
+        first_pass += 1
+    assert seen == all_keys() and first_pass < len(batches)
+    resumed = _datamodule(shards, steps_per_epoch=5)
+    state = None
+    partial = _datamodule(shards, steps_per_epoch=5)
+    partial_loader = partial.train_dataloader()
+    for _ in range(4):
+        list(partial_loader)
+    state = partial.state_dict()
+    resumed.load_state_dict(state)
+    assert [b.sample_keys for b in resumed.train_dataloader()] == epochs[4]

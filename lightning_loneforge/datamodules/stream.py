@@ -139,12 +139,18 @@ class PackedLoader(DataLoader):
     collective: call it on all ranks, as Lightning's checkpointing does).
     """
 
-    def __init__(self, dataset: PackedStream, num_workers: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: PackedStream, num_workers: int = 0, steps_per_epoch: int | None = None, **kwargs: Any
+    ) -> None:
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1 or None, got {steps_per_epoch}")
         kwargs.pop("batch_size", None)
         kwargs.pop("persistent_workers", None)
         super().__init__(
             dataset, batch_size=None, num_workers=num_workers, persistent_workers=False, **kwargs
         )
+        self.steps_per_epoch = steps_per_epoch
+        self._live: Iterator[PackedBatch] | None = None
         self._epoch = 0
         self._workers: dict[int, WorkerState] = {}
         self._history: deque[tuple[PackedBatch, dict[str, Any]]] = deque(maxlen=16)
@@ -152,7 +158,30 @@ class PackedLoader(DataLoader):
         self.data_wait_s = 0.0
         self.skipped: dict[str, int] = {}
 
+    def __len__(self) -> int:
+        if self.steps_per_epoch is None:
+            return super().__len__()
+        return self.steps_per_epoch
+
     def __iter__(self) -> Iterator[PackedBatch]:
+        """One pass over this rank's shards; with `steps_per_epoch`, exactly that many batches, continuing
+        the current pass and wrapping into the next one (so every rank runs the same number of steps)."""
+        if self.steps_per_epoch is None:
+            yield from self._one_pass()
+            return
+        for _ in range(self.steps_per_epoch):
+            for fresh in (False, True):
+                if self._live is None:
+                    self._live = self._one_pass()
+                try:
+                    yield next(self._live)
+                    break
+                except StopIteration:
+                    self._live = None
+                    if fresh:
+                        raise RuntimeError("a whole pass over this rank's shards gave no batch") from None
+
+    def _one_pass(self) -> Iterator[PackedBatch]:
         stream: PackedStream = self.dataset  # type: ignore[assignment]
         stream.epoch = self._epoch
         if self._workers and all(s["done"] for s in self._workers.values()):
@@ -232,6 +261,7 @@ class PackedLoader(DataLoader):
             )
         self._epoch = int(mine["epoch"])
         self._workers = {int(w): s for w, s in mine["workers"].items()}
+        self._live = None
         self._consumed = None
         self._history.clear()
 

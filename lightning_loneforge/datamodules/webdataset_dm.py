@@ -67,6 +67,9 @@ class WebDatasetDataModule(pl.LightningDataModule):
         max_images, max_patches: Per-pack caps on images/videos and vision patches.
         pad_to_budget: Pad every row to `max_tokens` (static shapes for `torch.compile`).
         pin_memory: Pin batches in the DataLoader.
+        steps_per_epoch: Train batches per epoch on every rank, continuing into the next pass over the
+            shards when a rank runs out (ranks' shards rarely give equal pack counts; unequal counts stall
+            DDP at the end of an epoch). None: one pass per epoch, as many batches as the rank's shards give.
         encoder: The model's `SampleEncoder`; None asks `trainer.lightning_module.sample_encoder()` in `setup`.
     """
 
@@ -89,6 +92,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         max_patches: int | None = None,
         pad_to_budget: bool = False,
         pin_memory: bool = False,
+        steps_per_epoch: int | None = None,
         encoder: SampleEncoder | None = None,
     ) -> None:
         super().__init__()
@@ -109,6 +113,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         self.max_patches = max_patches
         self.pad_to_budget = pad_to_budget
         self.pin_memory = pin_memory
+        self.steps_per_epoch = steps_per_epoch
         self.encoder = encoder
         self._train_urls: list[str] = []
         self._val_urls: list[str] = []
@@ -150,7 +155,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
             cost_budget=budget,
         )
 
-    def _loader(self, urls: list[str], shuffle: bool) -> PackedLoader:
+    def _loader(self, urls: list[str], shuffle: bool, steps_per_epoch: int | None = None) -> PackedLoader:
         if not urls:
             raise RuntimeError("call setup() before asking for dataloaders")
         if self.encoder is None:
@@ -166,11 +171,13 @@ class WebDatasetDataModule(pl.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer if shuffle else 0,
             bad_sample=self.bad_sample,
         )
-        return PackedLoader(stream, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return PackedLoader(
+            stream, num_workers=self.num_workers, pin_memory=self.pin_memory, steps_per_epoch=steps_per_epoch
+        )
 
     @override
     def train_dataloader(self) -> PackedLoader:
-        loader = self._loader(self._train_urls, shuffle=True)
+        loader = self._loader(self._train_urls, shuffle=True, steps_per_epoch=self.steps_per_epoch)
         if self._pending_state is not None:
             loader.load_state_dict(self._pending_state)
             self._pending_state = None
