@@ -215,7 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     world_size = args.devices * args.num_nodes
     print(f"device memory {args.memory_gib:g} GiB, budget {DEFAULT_BUDGET_FRACTION:.0%} for weights and optimizer states")
     print(format_plan_table(sizes, plans, world_size=world_size, num_nodes=args.num_nodes))
-    print(json.dumps(plan_summary(sizes, plans, world_size=world_size, num_nodes=args.num_nodes)))
+    summary = plan_summary(sizes, plans, world_size=world_size, num_nodes=args.num_nodes)
+    budget = args.memory_gib * DEFAULT_BUDGET_FRACTION
+    if summary["gib_per_rank"] > budget:
+        print(f"warning: {summary['gib_per_rank']:.1f} GiB/rank exceeds the {budget:.1f} GiB budget even with these "
+              "plans: use more devices, cpu_offload, or bf16 weights")  # fmt: skip
+    print(json.dumps(summary))
     return 0
 
 
