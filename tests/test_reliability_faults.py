@@ -116,9 +116,12 @@ class Job:
 
 
 def test_kill_9_during_checkpoint_write_resumes_from_previous_complete(tmp_path: Path, shards: dict) -> None:
+    """The crashed run saves asynchronously (so the resume also proves an async checkpoint's content), the resumed
+    one synchronously; the kill hits the step-4 write after its shards, before its metadata."""
     ckpt = tmp_path / "ckpt"
     base = {**shards, "ckpt_dir": str(ckpt), "max_steps": 6, "every_n": 2, "keep_last_k": 2}
-    crashed = Job(tmp_path, "crashed", {**base, "fault": {"kind": "hang_in_save", "save_index": 2}})
+    fault = {"kind": "hang_in_save", "save_index": 2}
+    crashed = Job(tmp_path, "crashed", {**base, "async_save": True, "fault": fault})
     crashed.wait_until(lambda: (crashed.record / "hung").exists(), START_DEADLINE_S, "the step-4 checkpoint write")
     crashed.kill(signal.SIGKILL)
     crashed.wait(30)
@@ -127,20 +130,20 @@ def test_kill_9_during_checkpoint_write_resumes_from_previous_complete(tmp_path:
     assert partial.is_dir() and any(partial.glob("*.distcp")) and not (partial / COMPLETE_MARKER).exists()
     assert newest_complete_checkpoint(ckpt) == ckpt / "step=00000002.ckpt"
     before = {rank: {s["step"]: s for s in crashed.steps(rank)} for rank in range(WORLD)}
-    assert all(sorted(before[rank]) == [1, 2, 3, 4] for rank in range(WORLD))
+    assert all({1, 2, 3, 4} <= set(before[rank]) for rank in range(WORLD))
 
-    resumed = Job(tmp_path, "resumed", {**base, "resume": "last", "async_save": True})
+    resumed = Job(tmp_path, "resumed", base | {"resume": "last"})
     assert resumed.wait(START_DEADLINE_S) == [0, 0], resumed.log(0)[-3000:]
     for rank in range(WORLD):
         after = {s["step"]: s for s in resumed.steps(rank)}
         assert sorted(after) == [3, 4, 5, 6]  # step count restored: training went on at step 3
-        for step in (3, 4):  # the same steps as the run before the kill, from the same state
+        for step in sorted(set(after) & set(before[rank])):  # the crashed run's steps from the same state
             assert after[step]["keys"] == before[rank][step]["keys"]  # data position
             assert after[step]["lr"] == pytest.approx(before[rank][step]["lr"], rel=1e-12)  # LR schedule
             assert after[step]["loss"] == pytest.approx(before[rank][step]["loss"], abs=1e-5)  # model + optimizer
 
     kept = complete_checkpoints(ckpt)
-    assert [p.name for p in kept] == ["step=00000004.ckpt", "step=00000006.ckpt"]  # keep_last_k=2, async saves
+    assert [p.name for p in kept] == ["step=00000004.ckpt", "step=00000006.ckpt"]  # keep_last_k=2
     assert not list(ckpt.glob(f"*{PARTIAL_SUFFIX}"))  # the leftover was removed at start
     newest = kept[-1]
     assert json.loads((newest / COMPLETE_MARKER).read_text())["global_step"] == 6
