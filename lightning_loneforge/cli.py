@@ -18,15 +18,30 @@ _TOOLS = {
 
 
 class LoneforgeCLI(LightningCLI):
-    """LightningCLI whose defaults are the suite's: tower-parallel strategy, offline W&B, rich progress bar."""
+    """LightningCLI whose defaults are the suite's: tower-parallel strategy, offline W&B, rich progress bar and
+    telemetry (tokens/s, MFU, memory, data health, data pictures, run summary)."""
 
     def __init__(self, *args, **kwargs) -> None:
+        from lightning_loneforge.datamodules.metrics import PackingMetricsCallback
         from lightning_loneforge.strategies import TowerParallelStrategy
+        from lightning_loneforge.telemetry import (
+            DataPictures,
+            DeviceMemoryMonitor,
+            PackedThroughputMonitor,
+            RunSummary,
+        )
 
         defaults = {
             "strategy": lazy_instance(TowerParallelStrategy),
             "logger": lazy_instance(WandbLogger, project="loneforge", offline=True),
-            "callbacks": [lazy_instance(RichProgressBar)],
+            "callbacks": [
+                lazy_instance(RichProgressBar),
+                lazy_instance(PackedThroughputMonitor),
+                lazy_instance(DeviceMemoryMonitor),
+                lazy_instance(PackingMetricsCallback),
+                lazy_instance(DataPictures),
+                lazy_instance(RunSummary),
+            ],
         }
         defaults.update(kwargs.pop("trainer_defaults", None) or {})
         super().__init__(*args, trainer_defaults=defaults, **kwargs)
