@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lookahead", type=int, default=128)
     parser.add_argument("--ranks", type=int, default=8)
+    parser.add_argument(
+        "--typical-tokens", type=int, default=1024, help="sets the cost budget (as the datamodule)"
+    )
     parser.add_argument("--stream", action="store_true", help="also run the end-to-end streaming benchmark")
     parser.add_argument("--stream-samples", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     max_tokens, cost = 16_384, CostModel()
     round_robin = pack(items, max_tokens, args.lookahead)
     rr_ranks = [round_robin[r :: args.ranks] for r in range(args.ranks)]
-    budget = cost.budget_for(max_tokens, int(statistics.mean(lengths)))
+    budget = cost.budget_for(max_tokens, args.typical_tokens)
     balanced_ranks = [
         pack(items[r :: args.ranks], max_tokens, args.lookahead, cost_model=cost, cost_budget=budget)
         for r in range(args.ranks)
@@ -217,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     result["balance_ratio_8_p99"] = round(sorted(bal)[int(0.99 * (len(bal) - 1))], 4)
     result["balanced_real_fraction_16k"] = round(bal_real, 4)
     print(
-        f"\nbalance at {args.ranks} ranks, max_tokens={max_tokens}, cost a={cost.a:g} b={cost.b:g} c={cost.c:g}"
+        f"\nbalance at {args.ranks} ranks, max_tokens={max_tokens}, cost a={cost.a:g} b={cost.b:g} c={cost.c:g}, "
+        f"cost budget: a row of {args.typical_tokens}-token samples"
     )
     print(f"{'assignment':>24} | {'mean max/mean':>13} | {'p99':>6} | {'real tokens':>11}")
     print(
