@@ -156,10 +156,34 @@ def _export_sharded_zoo_model(folder: Path) -> dict:
     return {"llm_placements": placements, "written": str(written) if written else None}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _rank_environment(rank: int, world: int, port: int) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0"
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0"
     )
+
+
+def _resume_worker(rank: int, port: int, out_dir: str, world: int, checkpoint: str) -> None:
+    """Resumes the 2-rank checkpoint on `world` ranks and trains its second epoch."""
+    from lightning_loneforge.strategies import consolidated_state_dict
+
+    _rank_environment(rank, world, port)
+    torch.set_num_threads(1)
+    results: dict = {}
+    try:
+        model = TwoTowerModel()
+        trainer = make_trainer(world, COMBOS[RESUMED_COMBO], max_epochs=2, callbacks=[])
+        trainer.fit(model, make_datamodule(world), ckpt_path=checkpoint)
+        results.update(losses=model.losses, state=consolidated_state_dict(model), done=True)
+    except BaseException:
+        results["error"] = traceback.format_exc()
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    if dist.is_initialized() and "error" not in results:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    _rank_environment(rank, WORLD, port)
     os.environ["WANDB_MODE"] = "offline"
     torch.set_num_threads(1)
     results: dict = {}
@@ -177,12 +201,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
-    out_dir = tmp_path_factory.mktemp("tower_parallel")
+def _spawn(target, world: int, out_dir: Path, *args) -> list[dict]:  # noqa: ANN001
+    """Runs `target(rank, port, out_dir, *args)` on `world` processes with a hard join timeout; their results."""
     port = _free_port()
     context = mp.get_context("spawn")
-    procs = [context.Process(target=_worker, args=(rank, port, str(out_dir))) for rank in range(WORLD)]
+    procs = [context.Process(target=target, args=(rank, port, str(out_dir), *args)) for rank in range(world)]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -202,7 +225,13 @@ def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dic
         # a non-zero exit code after complete results is the known gloo sub-group teardown abort (FACTS.md)
         assert result.get("done"), f"rank {rank} results incomplete (exit code {proc.exitcode})"
         results.append(result)
-    return results, out_dir / "ckpt"
+    return results
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    out_dir = tmp_path_factory.mktemp("tower_parallel")
+    return _spawn(_worker, WORLD, out_dir), out_dir / "ckpt"
 
 
 def _global_losses(results: list[dict], name: str) -> list[float]:
@@ -311,3 +340,14 @@ def test_checkpoint_saved_at_two_ranks_resumes_at_one(two_rank_results) -> None:
     assert max(abs(a - b) for a, b in zip(model.losses, uninterrupted, strict=True)) < 1e-5, (model.losses, uninterrupted)
     assert max_abs_diff(state, results[0][RESUMED_COMBO]["state"]) < 1e-5
     assert datamodule.loaded_state == {"epochs_started": 1}
+
+
+@pytest.mark.timeout(240)
+def test_checkpoint_saved_at_two_ranks_resumes_at_four(two_rank_results, tmp_path: Path) -> None:
+    results, checkpoint = two_rank_results
+    resumed = _spawn(_resume_worker, 4, tmp_path, 4, str(checkpoint))
+    uninterrupted = _global_losses(results, RESUMED_COMBO)[STEPS_PER_EPOCH * ACCUMULATE :]
+    losses = [sum(values) / len(values) for values in zip(*(r["losses"] for r in resumed), strict=True)]
+    assert len(losses) == len(uninterrupted)
+    assert max(abs(a - b) for a, b in zip(losses, uninterrupted, strict=True)) < 1e-5, (losses, uninterrupted)
+    assert max_abs_diff(resumed[0]["state"], results[0][RESUMED_COMBO]["state"]) < 1e-5
