@@ -7,7 +7,7 @@ injects the fault it is told to:
 
 - `hang_in_save`: the N-th checkpoint's DCP write stops after every shard is written, before its metadata
   (the test kills the processes with SIGKILL there);
-- `exit_at_step`: one rank exits (`os._exit(3)`) inside `training_step` of a step;
+- `exit_at_step` / `hang_at_step`: one rank exits (`os._exit(3)`) / sleeps as a step begins;
 - `fail_save`: the N-th checkpoint's write raises `OSError(ENOSPC)` on every rank (disk full).
 """
 
@@ -55,11 +55,13 @@ class StepRecorder(Callback):
 
 
 class ExitAtStep(Callback):
-    def __init__(self, rank: int, step: int) -> None:
-        self.rank, self.step = rank, step
+    def __init__(self, rank: int, step: int, hang: bool = False) -> None:
+        self.rank, self.step, self.hang = rank, step, hang
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            if self.hang:
+                time.sleep(600)
             os._exit(3)
 
 
@@ -113,8 +115,8 @@ def main(options: dict[str, Any]) -> None:
         RankHeartbeat(interval_s=0.5),
         BadStepGuard(policy="raise", check_every_n_steps=2),
     ]
-    if fault.get("kind") == "exit_at_step":
-        callbacks.append(ExitAtStep(fault["rank"], fault["step"]))
+    if fault.get("kind") in ("exit_at_step", "hang_at_step"):
+        callbacks.append(ExitAtStep(fault["rank"], fault["step"], hang=fault["kind"] == "hang_at_step"))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=int(os.environ["WORLD_SIZE"]),

@@ -8,7 +8,9 @@ Two parts:
 - `RankHeartbeat`: every rank's background thread writes `(beat counter, step)` into the rendezvous store every
   `interval_s`. When training fails, each rank reads the beats twice, `3 * interval_s` apart: a rank whose
   counter did not move (or the store host, rank 0, when the store is gone) is dead. The error gets a note such
-  as `rank 1 is gone: its heartbeat stopped (last at step 3)` and the same line is logged.
+  as `rank 1 is gone: its heartbeat stopped (last at step 3)` and the same line is logged. When every rank is
+  alive (a collective timed out because a rank is stuck), a `monitored_barrier` on a gloo group names on rank 0
+  the ranks that never arrive.
 """
 
 from __future__ import annotations
@@ -76,6 +78,21 @@ def missing_ranks(world_size: int, interval_s: float) -> tuple[dict[int, str], d
     return gone, steps
 
 
+def stuck_ranks_note(group: dist.ProcessGroup, rank: int, timeout_s: float) -> str | None:
+    """Runs `monitored_barrier` on a gloo `group`: rank 0 learns which live ranks never arrive (stuck).
+
+    Returns a note naming them, or None when every rank arrived.
+    """
+    try:
+        dist.monitored_barrier(group=group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except Exception as error:
+        if rank == 0:
+            first_line = str(error).strip().splitlines()[0]
+            return f"stuck: {first_line}"
+        return f"rank 0 did not answer a monitored barrier within {timeout_s:.0f} s (it, or a rank it waits for, is stuck)"
+    return None
+
+
 class RankHeartbeat(Callback):
     """Names the dead rank(s) in the error when a multi-process run fails.
 
@@ -91,6 +108,7 @@ class RankHeartbeat(Callback):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._world_size = 1
+        self._barrier_group: dist.ProcessGroup | None = None
 
     def _beat(self, rank: int) -> None:
         store = _store(timeout_s=max(5.0, 5 * self.interval_s))
@@ -108,6 +126,7 @@ class RankHeartbeat(Callback):
         self._world_size = trainer.world_size
         if self._world_size < 2 or not (dist.is_available() and dist.is_initialized()) or self._thread is not None:
             return
+        self._barrier_group = dist.new_group(backend="gloo")
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._beat, args=(trainer.global_rank,), name="loneforge-heartbeat", daemon=True
@@ -128,7 +147,9 @@ class RankHeartbeat(Callback):
             reasons = "; ".join(f"rank {rank} is gone: {why}" for rank, why in sorted(gone.items()))
             note = f"loneforge: {names} of {self._world_size} stopped responding ({reasons}). Live ranks' steps: {steps}."
         else:
-            note = f"loneforge: every rank is alive; last steps per rank: {steps}."
+            assert self._barrier_group is not None
+            stuck = stuck_ranks_note(self._barrier_group, trainer.global_rank, max(5.0, 3 * self.interval_s))
+            note = f"loneforge: no rank's process died (last steps per rank: {steps})" + (f"; {stuck}" if stuck else ".")
         log.error(f"[rank {trainer.global_rank}] {note}")
         if hasattr(exception, "add_note"):
             exception.add_note(note)
