@@ -23,6 +23,7 @@ from lightning_loneforge.reliability import (
     ReliableCheckpoint,
     complete_checkpoints,
     newest_complete_checkpoint,
+    reliability_callbacks,
     resolve_resume,
     translate_resume_args,
 )
@@ -111,9 +112,12 @@ def test_keep_last_k_and_ckpt_path_last_resume(tmp_path: Path) -> None:
     ckpt = ReliableCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, keep_last_k=2)
     trainer(tmp_path, 6, [ckpt]).fit(TwoTowers(), loader())
     assert [p.name for p in complete_checkpoints(tmp_path / "ckpt")] == ["step=00000004.ckpt", "step=00000006.ckpt"]
-    resumed = trainer(tmp_path, 8, [ReliableCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)])
+    callbacks = reliability_callbacks(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, keep_last_k=2)
+    resumed = trainer(tmp_path, 8, callbacks)
     resumed.fit(TwoTowers(), loader(), ckpt_path="last")
     assert resumed.global_step == 8
+    assert [p.name for p in complete_checkpoints(tmp_path / "ckpt")] == ["step=00000006.ckpt", "step=00000008.ckpt"]
+    assert signal.getsignal(signal.SIGTERM) is not callbacks[1]._handle  # handlers restored after fit
     with pytest.raises(ValueError, match="monitor=None"):
         ReliableCheckpoint(monitor="val_loss", keep_last_k=2)
 
