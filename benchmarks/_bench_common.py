@@ -83,9 +83,10 @@ def patches_of(shape) -> int:
     return sum(t * h * w for t, h, w in shape.grids)
 
 
-def sample_token_ids(shape, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_token_ids(shape, gen: torch.Generator, learnable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`(input_ids, labels)` of one sample, `shape.tokens` long: each image as `<start> placeholders <end>`
-    (the two markers taken from the text budget), then text; loss on the text only."""
+    (the two markers taken from the text budget), then text; loss on the text only. `learnable` text counts
+    up from a random start (next token predictable, so a loss curve moves); otherwise it is uniform noise."""
     parts, labels = [], []
     for t, h, w in shape.grids:
         block = torch.full((t * h * w // MERGE + 2,), IMAGE_TOKEN_ID, dtype=torch.long)
@@ -95,7 +96,11 @@ def sample_token_ids(shape, gen: torch.Generator) -> tuple[torch.Tensor, torch.T
     n_text = shape.text_tokens - 2 * len(shape.grids)
     if n_text < 1:
         raise ValueError(f"sample with {len(shape.grids)} images has only {shape.text_tokens} text tokens")
-    text = torch.randint(0, TEXT_VOCAB_LIMIT, (n_text,), generator=gen, dtype=torch.long)
+    if learnable:
+        start = torch.randint(0, 1000, (1,), generator=gen)
+        text = (start + torch.arange(n_text)) % 1000 + 10
+    else:
+        text = torch.randint(0, TEXT_VOCAB_LIMIT, (n_text,), generator=gen, dtype=torch.long)
     parts.append(text)
     labels.append(text)
     return torch.cat(parts), torch.cat(labels)

@@ -49,14 +49,14 @@ class OursConfig:
 
 
 # ----------------------------------------------------------------------------- data
-def encode_synthetic(shapes, *, seed: int, pool: torch.Tensor, start_index: int = 0):
+def encode_synthetic(shapes, *, seed: int, pool: torch.Tensor, start_index: int = 0, learnable: bool = False):
     """EncodedSamples for `shapes` (ids, labels, M-RoPE positions, patches cut from `pool`)."""
     from lightning_loneforge.datamodules.encoder import EncodedSample
 
     gen = torch.Generator().manual_seed(seed)
     out = []
     for offset, shape in enumerate(shapes):
-        ids, labels = sample_token_ids(shape, gen)
+        ids, labels = sample_token_ids(shape, gen, learnable)
         grids = torch.tensor(shape.grids, dtype=torch.long) if shape.grids else None
         sample = EncodedSample(
             input_ids=ids, labels=labels, key=str(start_index + offset),
@@ -70,20 +70,44 @@ def encode_synthetic(shapes, *, seed: int, pool: torch.Tensor, start_index: int 
 
 
 class PackedRows(torch.utils.data.IterableDataset):
-    """The packer over pre-encoded samples: one `PackedBatch` per step (a webdataset-style stage)."""
+    """The packer over pre-encoded samples: one `PackedBatch` per step (a webdataset-style stage).
 
-    def __init__(self, samples, max_tokens: int, lookahead: int) -> None:
+    Row `i` of the packed stream (from `start` on) goes to data-parallel rank `i % world`, and within a rank
+    DataLoader workers take turns, so every rank sees its rows in stream order. `cost_budget` closes packs by
+    estimated cost (the balancer, `datamodules/balancer.py`) instead of by tokens alone. `skip_text_only`
+    drops rows without any image (counted in `text_only_rows`; needed across ranks, see `__iter__`).
+    """
+
+    def __init__(self, samples, max_tokens: int, lookahead: int, *, rank: int = 0, world: int = 1,
+                 start: int = 0, cost_budget: float | None = None, skip_text_only: bool = False) -> None:
         self.samples, self.max_tokens, self.lookahead = samples, max_tokens, lookahead
+        self.rank, self.world, self.start, self.cost_budget = rank, world, start, cost_budget
+        self.skip_text_only = skip_text_only
 
-    def __iter__(self):
+    def packer(self):
         from lightning_loneforge.datamodules.packer import TokenBudgetPacker
 
+        return TokenBudgetPacker(self.max_tokens, lookahead=self.lookahead, oversize="skip",
+                                 cost_budget=self.cost_budget)
+
+    def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        packer = TokenBudgetPacker(self.max_tokens, lookahead=self.lookahead, oversize="skip")
-        for index, pack in enumerate(packer.iter_packs(iter(self.samples))):
-            if index % workers == worker:  # workers take turns, so rows arrive in stream order
+        packer = self.packer()
+        mine = index = 0
+        self.text_only_rows = 0
+        for pack in packer.iter_packs(iter(self.samples)):
+            if self.skip_text_only and not any(s.pixel_values is not None for s in pack):
+                # a row without images skips the vision tower, and with it that tower's collectives on this
+                # rank only: the other ranks would wait forever (see benchmarks/NOTES.md). Counted, skipped.
+                self.text_only_rows += 1
+                continue
+            index += 1
+            if index - 1 < self.start or (index - 1 - self.start) % self.world != self.rank:
+                continue
+            if mine % workers == worker:  # workers take turns, so rows arrive in stream order
                 yield packer.collate(pack)
+            mine += 1
 
 
 def row_stats(samples, max_tokens: int, lookahead: int) -> list[tuple[int, int, int]]:
@@ -101,11 +125,11 @@ def row_stats(samples, max_tokens: int, lookahead: int) -> list[tuple[int, int, 
 
 
 # ----------------------------------------------------------------------------- model + strategy
-def build_module(row: str, tiny: bool):
-    """The zoo's LightningModule for `row` (tiny variant for CPU smoke runs); constant LR, no warm-up."""
+def build_module(row: str, tiny: bool, lr: float = 1e-5):
+    """The zoo's LightningModule for `row` (tiny variant for CPU smoke runs); no warm-up."""
     from lightning_loneforge.model_zoo.module import MultimodalModule
 
-    return MultimodalModule(model=row, overrides=TINY_OVERRIDES if tiny else None, lr=1e-5, warmup_steps=0)
+    return MultimodalModule(model=row, overrides=TINY_OVERRIDES if tiny else None, lr=lr, warmup_steps=0)
 
 
 TINY_OVERRIDES = {
