@@ -193,3 +193,32 @@ def test_memory_estimate_is_in_gib() -> None:
 
     assert estimate_bytes_per_rank(size, TowerPlan(shard="none"), world_size=8) == GIB
     assert estimate_bytes_per_rank(size, TowerPlan(shard="replicate"), world_size=8) == 6 * GIB  # 2+2+8 bytes/param
+
+
+@pytest.mark.timeout(120)
+def test_pending_pretrained_weights_load_into_sharded_meta_model(single_process_group, tmp_path: Path) -> None:
+    from lightning.fabric.utilities.init import _materialize_distributed_module
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_loneforge.datamodules.tokenizer import DemoTokenizer
+    from lightning_loneforge.model_zoo import MultimodalModule
+    from lightning_loneforge.model_zoo.hf_io import save_hf
+    from lightning_loneforge.strategies import apply_plans
+    from lightning_loneforge.strategies.export import load_pending_pretrained
+
+    torch.manual_seed(0)
+    pretrained = MultimodalModule("tiny-demo", tokenizer=DemoTokenizer())
+    pretrained.configure_model()
+    folder = save_hf(pretrained.model, tmp_path / "hf")
+    module = MultimodalModule("tiny-demo", tokenizer=DemoTokenizer(), checkpoint=str(folder))
+    with torch.device("meta"):
+        module.configure_model()
+    assert module.checkpoint_pending
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    apply_plans(model_towers(module), {name: TowerPlan() for name in model_towers(module)}, lambda name, plan: mesh)
+    _materialize_distributed_module(module, torch.device("cpu"))  # random init, as the strategy's setup does
+    assert max_abs_diff(consolidated_state_dict(module.model), pretrained.model.state_dict()) > 0
+    assert load_pending_pretrained(module) and not module.checkpoint_pending
+    assert max_abs_diff(consolidated_state_dict(module.model), pretrained.model.state_dict()) == 0.0
+    assert not load_pending_pretrained(module)  # nothing pending any more

@@ -1,4 +1,4 @@
-"""Consolidated (full, unsharded) state dicts for export, and Hugging Face-format export of zoo models."""
+"""Full (unsharded) state dicts in and out of a sharded model: HF export of zoo models, pending pretrained loads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 
 
 def consolidated_state_dict(module: nn.Module) -> dict[str, Tensor]:
@@ -48,3 +52,22 @@ def export_hf(module: nn.Module, folder: str | Path) -> Path | None:
         raise KeyError(f"export_hf: gathered state does not match {model.config.name!r}: "
                        f"missing {missing[:5]}, unexpected {unexpected[:5]}")  # fmt: skip
     return save_hf(plain, folder)
+
+
+def load_pending_pretrained(module: nn.Module) -> bool:
+    """Loads a zoo module's `checkpoint=` weights into its (possibly sharded) parameters when still pending.
+
+    A `MultimodalModule` built on the meta device cannot load its HF checkpoint itself; it sets
+    `checkpoint_pending` and offers `pretrained_state_dict()` (full tensors under its own names). Each rank keeps
+    only its shard of them. Returns True when something was loaded. Every rank must call it.
+    """
+    if not getattr(module, "checkpoint_pending", False) or not callable(getattr(module, "pretrained_state_dict", None)):
+        return False
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    missing, unexpected = set_model_state_dict(module, module.pretrained_state_dict(), options=options)
+    missing = [key for key in missing if key.startswith("model.")]
+    if missing or unexpected:
+        raise KeyError(f"checkpoint={getattr(module, 'hparams', {}).get('checkpoint')!r}: "
+                       f"missing {missing[:5]}, unexpected {unexpected[:5]}")  # fmt: skip
+    module.checkpoint_pending = False
+    return True

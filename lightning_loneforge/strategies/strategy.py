@@ -29,6 +29,7 @@ from lightning_loneforge.strategies.apply import (
     move_plain_states,
 )
 from lightning_loneforge.strategies.clip import clip_grad_norm_by_mesh_, clip_grad_value_by_mesh_
+from lightning_loneforge.strategies.export import load_pending_pretrained
 from lightning_loneforge.strategies.plan import TowerPlan
 from lightning_loneforge.strategies.planner import (
     auto_plans,
@@ -141,6 +142,8 @@ class TowerParallelStrategy(ModelParallelStrategy):
             self._planned_model_id = id(module)
 
         _materialize_distributed_module(self.model, self.root_device)
+        if load_pending_pretrained(module):  # a zoo model built on meta: its checkpoint= weights, into the shards
+            rank_zero_info(f"loaded pretrained weights of {type(module).__name__} into the sharded towers")
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self.barrier()
