@@ -188,7 +188,8 @@ class MultimodalModule(LightningModule):
         self.configure_model()
         groups = param_groups(self.model, self.hparams.lr, self.hparams.vision_lr, self.hparams.weight_decay)
         fused = all(p.is_cuda for group in groups for p in group["params"])
-        optimizer = torch.optim.AdamW(groups, betas=tuple(self.hparams.betas), fused=fused or None)
+        kind = {"fused": True} if fused else {"foreach": True}
+        optimizer = torch.optim.AdamW(groups, betas=tuple(self.hparams.betas), **kind)
         schedule = warmup_cosine(self.hparams.warmup_steps, self.hparams.max_steps, self.hparams.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
