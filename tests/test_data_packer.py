@@ -136,3 +136,12 @@ def test_state_dict_restores_the_buffer_exactly():
     again = [i for i in items[:consumed] if i.index in resumed.restoring] + items[consumed:]
     rest = [[s.key for s in p] for p in resumed.iter_packs(again)]
     assert first + rest == reference
+
+
+def test_max_wait_bounds_how_long_a_sample_waits():
+    items = [Item("small", 0, 40)] + [Item(f"big{i}", i + 1, 70) for i in range(30)]
+    packs = list(TokenBudgetPacker(100, lookahead=4, max_wait=3).iter_packs(items))
+    where = next(n for n, p in enumerate(packs) if any(s.key == "small" for s in p))
+    assert where <= 4
+    starved = list(TokenBudgetPacker(100, lookahead=4, max_wait=1000).iter_packs(items))
+    assert any(s.key == "small" for s in starved[-1])

@@ -205,3 +205,14 @@ def test_steps_per_epoch_gives_equal_epochs_wrapping_passes_and_resumes(shards):
     state = partial.state_dict()
     resumed.load_state_dict(state)
     assert [b.sample_keys for b in resumed.train_dataloader()] == epochs[4]
+
+
+def test_pipe_urls_and_validation_loader(shards):
+    dm = _datamodule([f"pipe:cat {shards[0]}"], val_shards=shards[1])
+    keys = [k for b in dm.train_dataloader() for k in b.sample_keys]
+    assert sorted(keys) == sorted(k for k in all_keys() if k.startswith("s000_"))
+    val_a = [b.sample_keys for b in dm.val_dataloader()]
+    val_b = [b.sample_keys for b in dm.val_dataloader()]
+    assert val_a == val_b and {k for ks in val_a for k in ks} == {
+        k for k in all_keys() if k.startswith("s001_")
+    }
