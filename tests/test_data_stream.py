@@ -216,3 +216,17 @@ def test_pipe_urls_and_validation_loader(shards):
     assert val_a == val_b and {k for ks in val_a for k in ks} == {
         k for k in all_keys() if k.startswith("s001_")
     }
+
+
+def test_skip_counts_accumulate_over_passes_and_survive_resume(bad_shards):
+    dm = _datamodule(bad_shards, bad_sample="skip", shuffle_buffer=0, steps_per_epoch=3)
+    loader = dm.train_dataloader()
+    per_pass = None
+    for _ in range(4):
+        list(loader)
+        per_pass = per_pass or dict(loader.skipped)
+    assert loader.skipped["missing_field"] >= 2 * per_pass["missing_field"]
+    resumed = _datamodule(bad_shards, bad_sample="skip", shuffle_buffer=0, steps_per_epoch=3)
+    resumed.load_state_dict(dm.state_dict())
+    assert resumed.train_dataloader().skipped == loader.skipped
+    assert dm.metrics()["data/skipped_missing_field"] == loader.skipped["missing_field"]

@@ -8,7 +8,8 @@ so the assignment is deterministic and rank-consistent by construction: no commu
 over the data, no rank waiting for another's samples.
 
 Fitting `a, b, c` from measured step times: log, for a few hundred steps, the step time `t_s` and each
-pack's `S1 = sum(n)`, `S2 = sum(n**2)` and sample count `S0` (`PackingMetricsCallback` logs these), then
+pack's `S1 = sum(n)`, `S2 = sum(n**2)` and sample count `S0` (`PackingMetricsCallback` logs them as
+`data/tokens_per_pack`, `data/sum_sq_tokens`, `data/samples_per_pack`), then
 solve the least-squares problem `t_s ~ a * S2 + b * S1 + c * S0` (`CostModel.fit`). Only the ratios matter;
 `CostModel.fit` scales the result so that `b == 1` (cost in "linear-token" units). For a decoder of
 `d` hidden size, `L` layers and `N` parameters a first guess is `a = 2 * d * L / (6 * N) * 3 ~ d * L / N`

@@ -157,6 +157,8 @@ class PackedLoader(DataLoader):
         self._consumed: dict[str, Any] | None = None
         self.data_wait_s = 0.0
         self.skipped: dict[str, int] = {}
+        """Samples/shards dropped under the "skip" policy, by reason, since the start of training."""
+        self._skipped_done: Counter[str] = Counter()
 
     def __len__(self) -> int:
         if self.steps_per_epoch is None:
@@ -185,6 +187,7 @@ class PackedLoader(DataLoader):
         stream: PackedStream = self.dataset  # type: ignore[assignment]
         stream.epoch = self._epoch
         if self._workers and all(s["done"] for s in self._workers.values()):
+            self._skipped_done.update(self._skipped())
             self._epoch, self._workers = self._epoch + 1, {}
             stream.epoch = self._epoch
         stream.resume = dict(self._workers)
@@ -197,10 +200,11 @@ class PackedLoader(DataLoader):
                 break
             self.data_wait_s = time.perf_counter() - start
             self._workers[int(state["worker"])] = state
-            self.skipped = self._skipped()
+            self.skipped = dict(self._skipped_done + Counter(self._skipped()))
             if batch is not None:
                 self._history.append((batch, self._snapshot()))
                 yield batch
+        self._skipped_done.update(self._skipped())
         self._epoch += 1
         self._workers = {}
         if self._history:
@@ -213,7 +217,8 @@ class PackedLoader(DataLoader):
         return dict(total)
 
     def _snapshot(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "workers": {int(w): s for w, s in self._workers.items()}}
+        workers = {int(w): s for w, s in self._workers.items()}
+        return {"epoch": self._epoch, "workers": workers, "skipped_done": dict(self._skipped_done)}
 
     def mark_consumed(self, batch: PackedBatch) -> None:
         """Declare `batch` (an object this loader yielded) consumed: `state_dict()` resumes after it."""
@@ -261,6 +266,8 @@ class PackedLoader(DataLoader):
             )
         self._epoch = int(mine["epoch"])
         self._workers = {int(w): s for w, s in mine["workers"].items()}
+        self._skipped_done = Counter(mine.get("skipped_done", {}))
+        self.skipped = dict(self._skipped_done + Counter(self._skipped()))
         self._live = None
         self._consumed = None
         self._history.clear()

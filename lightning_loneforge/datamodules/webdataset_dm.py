@@ -233,12 +233,14 @@ class WebDatasetDataModule(pl.LightningDataModule):
 
 
 def batch_metrics(batch: PackedBatch, cost_model: CostModel) -> dict[str, float]:
-    """Real-token fraction, samples and tokens of one packed row, and its estimated cost."""
+    """Real-token fraction, samples and tokens of one packed row, the sum of squared sample lengths (to fit
+    the cost model, see `balancer.py`) and its estimated cost."""
     lengths = batch.sample_lengths().tolist()[: batch.num_samples]
     return {
         "data/real_token_fraction": batch.num_real_tokens / max(1, batch.num_tokens),
         "data/samples_per_pack": float(batch.num_samples),
         "data/tokens_per_pack": float(batch.num_real_tokens),
+        "data/sum_sq_tokens": float(sum(n * n for n in lengths)),
         "data/pack_cost": cost_model.pack_cost(lengths),
     }
 
