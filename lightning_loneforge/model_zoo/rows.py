@@ -161,8 +161,10 @@ configs: list[dict] = [
     _llava("llava-onevision-7b", "llava-hf/llava-onevision-qwen2-7b-ov-hf", 8_030_348_832,
            _qwen2(152128, 3584, 28, 28, 4, 18944, tie=False), _siglip(384, layers=26),
            family="llava_onevision", image_token_id=151646),
-    # --- InternVL2.5 / InternVL3 (InternViT-300M-448px + pixel shuffle 0.5 + MLP; -hf checkpoints) ---
-    _internvl("internvl2.5-1b", "OpenGVLab/InternVL2_5-1B-MPO-hf", 938_158_976, _QWEN25_05B),
+    # --- InternVL2.5 / InternVL3 (InternViT-300M-448px + pixel shuffle 0.5 + MLP). Weights load from the
+    # transformers-native layout (InternVLForConditionalGeneration, the "-hf" repos); the remote-code originals
+    # (InternLM2 `wqkv`, `mlp1.*`) are not mapped. ---
+    _internvl("internvl2.5-1b", "OpenGVLab/InternVL2_5-1B", 938_158_976, _QWEN25_05B),
     _internvl("internvl2.5-2b", "OpenGVLab/InternVL2_5-2B", 2_205_754_368,
               _llama(92553, 2048, 24, 16, 8, 8192, theta=1e6, eps=1e-5)),
     _internvl("internvl2.5-8b", "OpenGVLab/InternVL2_5-8B", 8_075_365_376,
