@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_loneforge.datamodules.encoder import mrope_positions
 from lightning_loneforge.model_zoo import ModelConfig
 from lightning_loneforge.model_zoo.model import MultimodalModel
-from lightning_loneforge.model_zoo.rope import mrope_positions
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -20,7 +20,7 @@ def _row(config, device):
         ids = torch.cat([torch.randint(10, 500, (5,), generator=g), torch.full((t * h * w // 4,), config.image_token_id),
                          torch.randint(10, 500, (30,), generator=g)])  # fmt: skip
         ids_list.append(ids)
-        pos_list.append(mrope_positions(ids, torch.tensor([[t, h, w]]), config.image_token_id, 2))
+        pos_list.append(mrope_positions(ids, [config.image_token_id], torch.tensor([[t, h, w]]), 2))
     ids = torch.cat(ids_list)
     lengths = [len(x) for x in ids_list]
     cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)

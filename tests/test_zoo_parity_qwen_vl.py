@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_loneforge.datamodules.encoder import mrope_positions
 from lightning_loneforge.model_zoo.hf_io import from_pretrained, save_hf
-from lightning_loneforge.model_zoo.rope import mrope_positions
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,7 +75,7 @@ def test_logits_match_transformers(family, tmp_path):
     assert ours.config.family == family
     with torch.no_grad():
         hidden = ours(
-            ids, mrope_positions(ids, grid, IMAGE, 2), torch.tensor([0, len(ids)], dtype=torch.int32), len(ids),
+            ids, mrope_positions(ids, [IMAGE], grid, 2), torch.tensor([0, len(ids)], dtype=torch.int32), len(ids),
             pixels, grid,
         ).hidden  # fmt: skip
         logits = ours.llm.logits(hidden)

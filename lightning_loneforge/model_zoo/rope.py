@@ -1,4 +1,5 @@
-"""Rotary position embeddings: 1-D RoPE (incl. llama3 scaling), 3-D M-RoPE and its position ids."""
+"""Rotary position embeddings: 1-D RoPE (incl. llama3 scaling) and 3-D M-RoPE (positions come from the data
+pipeline: `datamodules.encoder.mrope_positions`)."""
 
 from __future__ import annotations
 
@@ -63,39 +64,3 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos[:, None, :] + rotated * sin[:, None, :]).to(dtype)
-
-
-def mrope_positions(input_ids: Tensor, image_grid_thw: Tensor | None, image_token_id: int, merge_size: int) -> Tensor:
-    """Qwen2-VL `[3, T]` M-RoPE positions of ONE sample: text advances all three axes together, each image
-    spans a (t, h/merge, w/merge) grid starting after the preceding text, and text resumes after its max.
-
-    Raises:
-        ValueError: If the image tokens do not match `image_grid_thw`.
-    """
-    ids = input_ids.tolist()
-    grids = [] if image_grid_thw is None else image_grid_thw.tolist()
-    pos = torch.empty(3, len(ids), dtype=torch.int64)
-    cursor, i, image = 0, 0, 0
-    while i < len(ids):
-        if ids[i] != image_token_id:
-            pos[:, i] = cursor
-            cursor += 1
-            i += 1
-            continue
-        if image >= len(grids):
-            raise ValueError(f"mrope_positions: more image-token runs than image_grid_thw rows ({len(grids)})")
-        t, h, w = grids[image]
-        h, w = h // merge_size, w // merge_size
-        n = t * h * w
-        if ids[i : i + n] != [image_token_id] * n:
-            raise ValueError(f"mrope_positions: image {image} expects {n} image tokens at position {i}")
-        tt = torch.arange(t).view(-1, 1, 1).expand(t, h, w).flatten()
-        hh = torch.arange(h).view(1, -1, 1).expand(t, h, w).flatten()
-        ww = torch.arange(w).view(1, 1, -1).expand(t, h, w).flatten()
-        pos[:, i : i + n] = torch.stack([tt, hh, ww]) + cursor
-        cursor = int(pos[:, i : i + n].max()) + 1
-        i += n
-        image += 1
-    if image != len(grids):
-        raise ValueError(f"mrope_positions: {len(grids)} image grids but {image} image-token runs")
-    return pos
