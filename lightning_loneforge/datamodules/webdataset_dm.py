@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -140,10 +142,12 @@ class WebDatasetDataModule(pl.LightningDataModule):
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
-    def make_packer(self) -> TokenBudgetPacker:
+    def packer_factory(self) -> Callable[[], TokenBudgetPacker]:
+        """A picklable factory of this config's packer (each DataLoader worker pass builds a fresh one)."""
         budget = self.cost_model.budget_for(self.max_tokens, self.typical_tokens) if self.balance else None
         pad_id = getattr(getattr(self.encoder, "tokenizer", None), "pad_id", 0)
-        return TokenBudgetPacker(
+        return functools.partial(
+            TokenBudgetPacker,
             self.max_tokens,
             lookahead=self.lookahead,
             max_images=self.max_images,
@@ -164,7 +168,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         stream = PackedStream(
             urls,
             self.encoder,
-            self.make_packer,
+            self.packer_factory(),
             rank=rank,
             world_size=world_size,
             seed=self.seed,
