@@ -43,7 +43,7 @@ def fa4_varlen(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_seqlen: int, cau
     if causal:
         right = None
     dim = q.shape[-1]
-    if dim not in NATIVE_HEAD_DIMS:  # measured: FA4 4.0.0b36 on SM90 gives a wrong dq at head dim 80
+    if dim not in NATIVE_HEAD_DIMS:  # FA4 4.0.0b36 on SM90: wrong dq at head dim 80 (upstream PR #2896)
         q, k, v = (F.pad(x, (0, PADDED_HEAD_DIM - dim)) for x in (q, k, v))  # zero columns: same scores
     out = flash_attn_varlen_func(
         q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
