@@ -204,7 +204,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def _spawn(target, world: int, out_dir: Path, *args) -> list[dict]:  # noqa: ANN001
     """Runs `target(rank, port, out_dir, *args)` on `world` processes with a hard join timeout; their results."""
     port = _free_port()
-    context = mp.get_context("spawn")
+    # forkserver with this module preloaded: torch/lightning are imported once, not once per rank (the server
+    # forks each rank from a clean single-threaded process; falls back to importing when a server already runs)
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
     procs = [context.Process(target=target, args=(rank, port, str(out_dir), *args)) for rank in range(world)]
     for proc in procs:
         proc.start()
