@@ -87,3 +87,30 @@ def test_vlm_logits_match_transformers(family, tmp_path):
     with torch.no_grad():
         again = back(input_ids=ids[None], pixel_values=pixels, **kwargs).logits[0]
     assert (again - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("layout", ["hub", "in_memory"])
+def test_llava_loads_both_key_layouts(layout, tmp_path):
+    """Hub `vision_tower.vision_model.*` and transformers 5.x in-memory `model.*` names load the same weights."""
+    from safetensors.torch import load_file, save_file
+
+    hf, _ = _hf("llava")
+    redraw(hf)
+    hf.save_pretrained(tmp_path)
+    reference = from_pretrained(tmp_path).state_dict()
+    state = load_file(str(tmp_path / "model.safetensors"))
+    renamed = {}
+    for key, value in state.items():
+        if layout == "hub" and key.startswith("vision_tower."):
+            key = "vision_tower.vision_model." + key[len("vision_tower.") :]
+        if layout == "in_memory":
+            for old, new in (("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
+                             ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head.")):  # fmt: skip
+                if key.startswith(old):
+                    key = new + key[len(old) :]
+                    break
+        renamed[key] = value
+    assert set(renamed) != set(state)
+    save_file(renamed, str(tmp_path / "model.safetensors"))
+    loaded = from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in reference.items())
