@@ -53,6 +53,10 @@ class WebDatasetDataModule(pl.LightningDataModule):
     datamodule's are saved in Lightning checkpoints). Per-step numbers for logging: `metrics()`, or add
     `PackingMetricsCallback`.
 
+    Ranks should be started as fresh interpreters (torchrun, Lightning's "ddp"). In rank processes started
+    by `multiprocessing` spawn ("ddp_spawn"), DataLoader workers with torch's default "file_descriptor"
+    tensor sharing stalled in our probe; `torch.multiprocessing.set_sharing_strategy("file_system")` fixed it.
+
     Args:
         train_shards: Path, brace pattern, `pipe:` command, or a list of them.
         val_shards: The same for validation (no shuffling), or None.
