@@ -60,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         return _run_tool(_TOOLS[words[0]], words[1:])
     os.environ.setdefault("WANDB_MODE", "offline")
     import lightning_loneforge  # noqa: F401  (registers the suite's accelerator and strategy names)
+    from lightning_loneforge.reliability import translate_resume_args
 
+    if argv is None:
+        sys.argv[1:] = translate_resume_args(words)  # `--resume auto|PATH` -> `--ckpt_path last|PATH`
+    else:
+        argv = translate_resume_args(argv)
     LoneforgeCLI(args=argv, subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
     return 0
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_loneforge.reliability.checkpointing import newest_complete_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
 
@@ -39,13 +41,14 @@ def test_demo_trains_saves_and_resumes(tmp_path: Path) -> None:
     first = _loneforge(["fit", *_small_demo(tmp_path, 4)], tmp_path)
     assert first.returncode == 0, first.stderr[-4000:]
     checkpoints = tmp_path / "outputs" / "demo" / "checkpoints"
-    last = checkpoints / "last.ckpt"
-    assert last.exists(), sorted(p.name for p in checkpoints.glob("*"))
+    newest = newest_complete_checkpoint(checkpoints)
+    assert newest is not None and newest.name == "step=00000004.ckpt", sorted(p.name for p in checkpoints.iterdir())
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "no offline W&B run was written"
 
-    resumed = _loneforge(["fit", *_small_demo(tmp_path, 6), "--ckpt_path", str(last)], tmp_path)
+    resumed = _loneforge(["fit", *_small_demo(tmp_path, 6), "--resume", "auto"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
+    output = resumed.stderr + resumed.stdout
+    assert "Restored all states from the checkpoint" in output and newest.name in output, output[-4000:]
 
 
 def test_bad_config_key_is_named(tmp_path: Path) -> None:
