@@ -89,11 +89,9 @@ def test_rejects_bad_heads_and_lengths():
         attention(q[:-1], k[:-1], v[:-1], cu, 200, causal=True)
 
 
-def test_cpu_picks_dense_for_short_rows_and_the_loop_for_long_ones():
-    from lightning_loneforge.model_zoo.attention import DENSE_MAX_TOKENS
-
-    assert select_backend(torch.zeros(1, 1, 1)) == "dense"
-    assert select_backend(torch.zeros(DENSE_MAX_TOKENS + 1, 1, 1)) == "sdpa"
+def test_cpu_picks_the_per_sample_loop():
+    assert select_backend(torch.zeros(1, 1, 1)) == "sdpa"
+    assert select_backend(torch.zeros(5000, 1, 1)) == "sdpa"
 
 
 @pytest.mark.parametrize("causal", [False, True])
