@@ -89,18 +89,25 @@ def test_rejects_bad_heads_and_lengths():
         attention(q[:-1], k[:-1], v[:-1], cu, 200, causal=True)
 
 
-def test_cpu_picks_the_per_sample_loop():
-    assert select_backend(torch.zeros(1, 1, 1)) == "sdpa"
-    assert select_backend(torch.zeros(5000, 1, 1)) == "sdpa"
+def test_cpu_picks_grouped_segments():
+    assert select_backend(torch.zeros(1, 1, 1)) == "grouped"
+    assert select_backend(torch.zeros(5000, 1, 1)) == "grouped"
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("window", [None, (8, 3)])
-def test_dense_matches_reference(causal, window):
-    q, k, v, cu = _packed()
-    ref = attention(q, k, v, cu, max(LENGTHS), causal=causal, window=window, backend="sdpa")
-    out = attention(q, k, v, cu, max(LENGTHS), causal=causal, window=window, backend="dense")
+def test_grouped_matches_reference(causal, window):
+    lengths = [64, 5, 64, 130, 5, 64, 1, 0, 7]  # equal lengths share one batched call; an empty segment too
+    q, k, v, cu = _packed(lengths=lengths)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    ref = attention(q, k, v, cu, max(lengths), causal=causal, window=window, backend="sdpa")
+    out = attention(q, k, v, cu, max(lengths), causal=causal, window=window, backend="grouped")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad((out * weights).sum(), (q, k, v)),
+                         torch.autograd.grad((ref * weights).sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu
