@@ -130,7 +130,9 @@ class MultimodalModel(nn.Module):
         With an action head and `actions` `[A, horizon, action_dim]` (+ `proprio` `[A, state_dim]`, and
         `action_sample_index` `[A]` naming each chunk's sample), `LMOutput.action_loss` is the flow-matching loss.
         """
-        features = mask = None
+        features = mask = unused = None
+        if pixel_values is None and self.vision is not None and self.projector is not None:
+            unused = self._placeholder_image_features(input_ids.device)
         if pixel_values is not None:
             if image_grid_thw is None:
                 raise ValueError("batch has pixel_values but no image_grid_thw")
@@ -147,9 +149,24 @@ class MultimodalModel(nn.Module):
             input_ids, position_ids, cu_seqlens, max_seqlen, vision_embeds=features, vision_mask=mask,
             targets=targets, predict=predict, loss_chunk_size=loss_chunk_size,
         )  # fmt: skip
+        if unused is not None and out.loss is not None:
+            out.loss = out.loss + 0.0 * unused.sum()
         if actions is not None:
             out.action_loss = self.action_loss(out.hidden, cu_seqlens, actions, proprio, action_sample_index)
         return out
+
+    def _placeholder_image_features(self, device: torch.device) -> Tensor:
+        """Features of one smallest all-zero image, for rows without images.
+
+        Under a sharded or replicated plan every rank must run the same collectives: a rank whose row has no
+        image still all-gathers the vision tower's shards in forward and reduces its (zero) gradients in backward.
+        """
+        vision = self.config.vision
+        side = vision.image_size // vision.patch_size if vision.image_size else vision.spatial_merge_size
+        grid = torch.tensor([[1, side, side]], device=device)
+        patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.zeros(side * side, patch_dim, device=device)
+        return self.image_features(pixels, grid)
 
     def action_loss(
         self, hidden: Tensor, cu_seqlens: Tensor, actions: Tensor, proprio: Tensor | None, sample_index: Tensor | None
