@@ -136,7 +136,8 @@ def test_write_demo_shards_is_complete_atomic_and_cached(tmp_path: Path) -> None
     out = tmp_path / "demo"
     shards = write_demo_shards(out, n_train=50, n_val=12, seed=0, samples_per_shard=20)
     assert [p.name for p in shards.train] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
-    assert [p.name for p in shards.val] == ["val-000000.tar"]
+    # validation is cut into up to VAL_SHARDS shards (12 samples -> 2 per shard) so every rank gets some
+    assert [p.name for p in shards.val] == [f"val-{i:06d}.tar" for i in range(6)]
     with tarfile.open(shards.train[2]) as tar:
         assert sorted(tar.getnames()) == sorted(
             f"train-{i:07d}.{ext}" for i in range(40, 50) for ext in ("json", "png")

@@ -29,7 +29,9 @@ from webdataset.shardlists import expand_urls
 
 from lightning_loneforge.datamodules.webdataset_dm import WebDatasetDataModule
 
-DEMO_VERSION = "demo-v1"
+DEMO_VERSION = "demo-v2"
+VAL_SHARDS = 8
+"""Validation is cut into this many shards so every rank of a multi-process run gets some."""
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -102,7 +104,7 @@ def default_cache_dir() -> Path:
 
 
 def default_demo_dir(spec: DemoSpec | None = None) -> Path:
-    """Cache folder of a demo set: `<cache>/demo-v1` for the default spec, a spec-named sibling otherwise."""
+    """Cache folder of a demo set: `<cache>/demo-v2` for the default spec, a spec-named sibling otherwise."""
     spec = spec or DemoSpec()
     if spec == DemoSpec():
         return default_cache_dir() / DEMO_VERSION
@@ -218,7 +220,8 @@ def iter_samples(split: str, count: int, spec: DemoSpec) -> Iterator[dict]:
 
 def _write_split(directory: Path, split: str, count: int, spec: DemoSpec) -> list[Path]:
     pattern = str(directory / f"{split}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=spec.samples_per_shard, verbose=0, mtime=0) as writer:
+    per_shard = spec.samples_per_shard if split == "train" else min(spec.samples_per_shard, -(-count // VAL_SHARDS))
+    with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0, mtime=0) as writer:
         for sample in iter_samples(split, count, spec):
             writer.write(sample)
     return sorted(directory.glob(f"{split}-*.tar"))
