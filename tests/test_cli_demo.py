@@ -13,10 +13,13 @@ from lightning_loneforge.reliability.checkpointing import newest_complete_checkp
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
+_RENDEZVOUS_VARIABLES = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"}
 
 
 def _loneforge(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="offline", LONEFORGE_CACHE=str(cwd / "cache"), PYTHONUNBUFFERED="1")
+    # a fresh job: no rendezvous variables left behind by in-process distributed tests (their port may be held)
+    inherited = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARIABLES}
+    env = dict(inherited, WANDB_MODE="offline", LONEFORGE_CACHE=str(cwd / "cache"), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "lightning_loneforge.cli", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
