@@ -8,7 +8,6 @@ part); the pytest process then checks what each rank wrote, and resumes the 2-ra
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests._helpers import free_port, join_or_kill
 from tests.test_strategy_tiny import TinyDataModule, TwoTowerModel, max_abs_diff, reference_run
 
 pytestmark = pytest.mark.distributed
@@ -38,12 +38,6 @@ COMBOS: dict[str, dict] = {
     "frozen-vision": {"vision": {"shard": "none"}, "llm": {"shard": "full"}},
 }
 RESUMED_COMBO = "replicate+full"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_trainer(devices: int, plans: dict, max_epochs: int, callbacks: list) -> pl.Trainer:
@@ -203,7 +197,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 def _spawn(target, world: int, out_dir: Path, *args) -> list[dict]:  # noqa: ANN001
     """Runs `target(rank, port, out_dir, *args)` on `world` processes with a hard join timeout; their results."""
-    port = _free_port()
+    port = free_port()
     # forkserver with this module preloaded: torch/lightning are imported once, not once per rank (the server
     # forks each rank from a clean single-threaded process; falls back to importing when a server already runs)
     context = mp.get_context("forkserver")
@@ -211,13 +205,7 @@ def _spawn(target, world: int, out_dir: Path, *args) -> list[dict]:  # noqa: ANN
     procs = [context.Process(target=target, args=(rank, port, str(out_dir), *args)) for rank in range(world)]
     for proc in procs:
         proc.start()
-    for proc in procs:
-        proc.join(JOIN_TIMEOUT_S)
-    hung = [proc.pid for proc in procs if proc.is_alive()]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
+    hung = join_or_kill(procs, JOIN_TIMEOUT_S)
     assert not hung, f"ranks (pids {hung}) still running after {JOIN_TIMEOUT_S}s: a collective hung"
     results = []
     for rank, proc in enumerate(procs):

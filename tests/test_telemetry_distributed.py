@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from lightning_loneforge.datamodules.balancer import CostModel
 from lightning_loneforge.telemetry import DataPictures, RunSummary, telemetry_callbacks
+from tests._helpers import free_port, join_or_kill
 from tests.test_telemetry_run import SKIPPED, STEPS, PackedRows, PackedToy, packed_row
 
 pytestmark = pytest.mark.distributed
@@ -78,26 +78,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.timeout(JOIN_TIMEOUT_S + 60)
 def test_summary_and_rank_costs_add_up_over_ranks(tmp_path: Path) -> None:
     context = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [context.Process(target=_worker, args=(rank, port, str(tmp_path))) for rank in range(WORLD)]
     for proc in procs:
         proc.start()
-    for proc in procs:
-        proc.join(JOIN_TIMEOUT_S)
-    hung = [proc.pid for proc in procs if proc.is_alive()]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
+    hung = join_or_kill(procs, JOIN_TIMEOUT_S)
     assert not hung, f"ranks (pids {hung}) still running after {JOIN_TIMEOUT_S}s: a telemetry collective hung"
 
     results = []

@@ -14,6 +14,7 @@ from lightning_loneforge.model_zoo.towers.action import (
     ours_to_hf_action,
     pad_packed,
 )
+from tests._helpers import one_thread  # noqa: F401  (fixture)
 
 TOL = 1e-4
 IMAGE_TOKEN = 99
@@ -23,13 +24,7 @@ EXPERT = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls run faster on one thread, and do not stall when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread
 
 
 def tiny_pi0() -> PI0ForConditionalGeneration:

@@ -16,19 +16,14 @@ from lightning_loneforge.model_zoo.towers.projectors import (
     ours_to_hf_projector,
     pixel_shuffle,
 )
+from tests._helpers import one_thread  # noqa: F401  (fixture)
 
 TOL = 1e-4
 VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
 TEXT = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls run faster on one thread, and do not stall when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread
 
 
 def redraw(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

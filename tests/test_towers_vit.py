@@ -19,6 +19,7 @@ from lightning_loneforge.model_zoo.towers.vit import (
     hf_to_ours_vit,
     ours_to_hf_vit,
 )
+from tests._helpers import one_thread  # noqa: F401  (fixture)
 
 TOL = 1e-4
 SHAPE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
@@ -26,13 +27,7 @@ INTERNVL_SHAPE = {**SHAPE, "image_size": [32, 32], "patch_size": [8, 8]}
 OURS = dict(hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, image_size=32, patch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls run faster on one thread, and do not stall when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread
 
 
 def redraw(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
